@@ -48,9 +48,7 @@ class OperandQuant:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise ValueError(f"block_size: must be an int, got {self.block_size!r}")
         if self.block_size < 0 or (self.block_size == 0 and self.mode == "block"):
-            raise ValueError(
-                f"block_size: must be > 0 (or 0 = whole sequence in channel mode), got {self.block_size}"
-            )
+            raise ValueError(f"block_size: must be > 0 (or 0 = whole sequence in channel mode), got {self.block_size}")
         if not isinstance(self.subtract_mean, bool):
             raise ValueError(f"subtract_mean: must be a bool, got {self.subtract_mean!r}")
         if not self.quantized:

@@ -133,12 +133,86 @@ def check_operand_shape(x: torch.Tensor, spec: OperandQuant, name: str = "x") ->
         raise ValueError(f"{name}: int4 needs an even head dim to pack two values per byte, got {x.shape[-1]}")
 
 
-def quantize(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 1) -> QuantizedTensor:
-    """Quantise a [B, H, S, D] tensor by `spec` (docs/quantization.md, strategy_version 1)."""
+@dataclass(frozen=True)
+class StaticQuant:
+    """Calibrated statistics of one operand: used instead of measuring them on every call.
+
+    `scale` (and `mean`, `zero_point` where the spec uses them) broadcast against one group of
+    every token block: [1 or B, H, 1, D] in `channel` mode, [1 or B, H, 1, 1] in `row`/`block`
+    mode, [1, 1, 1, 1] in `tensor` mode. Values beyond the calibrated range are clipped.
+    """
+
+    scale: torch.Tensor
+    mean: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+
+def _static_stat(stat: torch.Tensor | None, name: str, target: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    """A calibrated statistic checked and expanded to the compact group shape `target`."""
+    if stat is None:
+        raise ValueError(f"static {name}: missing, the spec needs it")
+    if stat.dim() != 4 or stat.shape[2] != 1:
+        raise ValueError(f"static {name}: expected [B|1, H, 1, D|1], got shape {tuple(stat.shape)}")
+    for got, want in zip(stat.shape, target, strict=True):
+        if got not in (1, want):
+            raise ValueError(f"static {name}: shape {tuple(stat.shape)} does not broadcast to {list(target)}")
+    return stat.to(device=x.device, dtype=torch.float32).expand(target).contiguous()
+
+
+def _quantize_static(x: torch.Tensor, spec: OperandQuant, static: StaticQuant, version: int) -> QuantizedTensor:
+    """Quantise with calibrated scale (and mean / zero point): no reduction over the data."""
+    b, h, s, d = x.shape
+    nb = num_blocks(s, spec.block_size) if spec.mode in ("channel", "block") else s
+    group = {"tensor": (1, 1, 1, 1), "row": (b, h, s, 1), "channel": (b, h, nb, d), "block": (b, h, nb, 1)}
+    target = group[spec.mode]
+    scale = _static_stat(static.scale, "scale", target, x)
+    mean = _static_stat(static.mean, "mean", target[:3] + (d,), x) if spec.subtract_mean else None
+    zero = _static_stat(static.zero_point, "zero_point", target, x) if spec.strategy == "asymmetric" else None
+    xf = x.to(torch.float32)
+    if mean is not None:
+        xf = xf - _expand(mean, spec, s)
+    full_scale = _expand(scale, spec, s)
+    if zero is not None:
+        lo_q, hi_q = ASYMMETRIC_RANGE[spec.precision]
+        q = torch.clamp(torch.round(xf / full_scale) + _expand(zero, spec, s), lo_q, hi_q)
+    else:
+        qmax = SYMMETRIC_QMAX[spec.precision]
+        q = torch.clamp(xf / full_scale, -qmax, qmax)
+        q = q if spec.precision == "fp8_e4m3" else torch.round(q)
+    q = torch.nan_to_num(q, nan=0.0)
+    bad = ~torch.isfinite(x.to(torch.float32))
+    if bad.any():
+        scale = _poison_groups(scale, bad, spec, s)
+    data = pack_int4(q.to(torch.int16)) if spec.precision == "int4" else q.to(STORAGE_DTYPES[spec.precision])
+    return QuantizedTensor(data, scale, zero, mean, spec, tuple(x.shape), x.dtype, version)
+
+
+def _poison_groups(scale: torch.Tensor, bad: torch.Tensor, spec: OperandQuant, s: int) -> torch.Tensor:
+    """NaN scales for the groups that hold a non-finite input (as dynamic quantisation gives)."""
+    if spec.mode == "tensor":
+        return torch.full_like(scale, float("nan"))
+    if spec.mode == "row":
+        return torch.where(bad.any(dim=-1, keepdim=True), float("nan"), scale)
+    t = effective_block(s, spec.block_size)
+    pad = scale.shape[2] * t - s
+    padded = torch.nn.functional.pad(bad, (0, 0, 0, pad)).view(*bad.shape[:2], scale.shape[2], t, bad.shape[3])
+    hit = padded.any(dim=3) if spec.mode == "channel" else padded.any(dim=(3, 4)).unsqueeze(-1)
+    return torch.where(hit, float("nan"), scale)
+
+
+def quantize(
+    x: torch.Tensor, spec: OperandQuant, strategy_version: int = 1, static: StaticQuant | None = None
+) -> QuantizedTensor:
+    """Quantise a [B, H, S, D] tensor by `spec` (docs/quantization.md, strategy_version 1).
+
+    With `static`, the calibrated scale / mean / zero point are used instead of measured ones.
+    """
     check_operand_shape(x, spec)
     shape = tuple(x.shape)
     if not spec.quantized:
         return QuantizedTensor(x, None, None, None, spec, shape, x.dtype, strategy_version)
+    if static is not None:
+        return _quantize_static(x, spec, static, strategy_version)
     s = shape[2]
     xf = x.to(torch.float32)
     grouped = spec.mode in ("channel", "block")
