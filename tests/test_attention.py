@@ -246,3 +246,16 @@ def test_tensors_on_different_devices_are_refused(gen):
     q = randn(1, 1, 4, 32, gen=gen)
     with pytest.raises(ValueError, match="devices"):
         quantized_attention(q, q.to("meta"), q, config="kv-int8")
+
+
+def test_reference_chunks_query_rows_without_changing_the_result(gen, monkeypatch):
+    import quantattn_hf.backends.reference as reference
+
+    q, k, v = (randn(2, 3, 50, 32, gen=gen) for _ in range(3))
+    mask = torch.rand(2, 1, 50, 50, generator=gen) > 0.3
+    mask[..., 0] = True
+    whole, lse = quantized_attention(q, k, v, config="fp16", attn_mask=mask, is_causal=True, return_lse=True)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1000)  # 6 query rows per chunk
+    chunked, lse_c = quantized_attention(q, k, v, config="fp16", attn_mask=mask, is_causal=True, return_lse=True)
+    assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(lse_c, lse, atol=1e-6)
+    assert torch.allclose(chunked.double(), sdpa64(q, k, v, attn_mask=mask, is_causal=True), atol=1e-5)

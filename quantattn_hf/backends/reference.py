@@ -29,6 +29,9 @@ def causal_keep(sq: int, sk: int, device: torch.device) -> torch.Tensor:
     return j <= i + (sk - sq)
 
 
+CHUNK_ELEMENTS = 1 << 24
+
+
 def attention_from_dequantized(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,31 +39,53 @@ def attention_from_dequantized(
     call: AttentionCall,
     p_spec: OperandQuant,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of docs/quantization.md over float tensors [B,H,S,D]; returns (out fp32, lse fp32)."""
+    """Attention of docs/quantization.md over float tensors [B,H,S,D]; returns (out, lse float32).
+
+    Query rows are processed in chunks so the score matrix never exceeds CHUNK_ELEMENTS.
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    rows = max(1, CHUNK_ELEMENTS // max(1, b * h * sk))
+    outs, lses = [], []
+    for start in range(0, sq, rows):
+        stop = min(sq, start + rows)
+        out, lse = _attention_rows(q[:, :, start:stop], k, v, call, p_spec, start)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _attention_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, p_spec: OperandQuant, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows start..start+len(q) of the attention (masks and causal offset sliced to them)."""
+    sq, sk = q.shape[2], k.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
-    neg_inf = torch.tensor(float("-inf"), dtype=compute, device=q.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     if call.attn_mask is not None:
-        if call.attn_mask.dtype == torch.bool:
-            scores = torch.where(call.attn_mask, scores, neg_inf)
+        mask = call.attn_mask[:, :, start : start + sq]
+        if mask.dtype == torch.bool:
+            scores = torch.where(mask, scores, neg_inf)
         else:
-            scores = scores + call.attn_mask.to(compute)
+            scores = scores + mask.to(q.dtype)
     if call.is_causal:
-        scores = torch.where(causal_keep(q.shape[2], k.shape[2], q.device), scores, neg_inf)
+        keep = causal_keep(call.q_len, sk, q.device)[start : start + sq]
+        scores = torch.where(keep, scores, neg_inf)
     m = scores.amax(dim=-1, keepdim=True)
     m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(scores - m_safe)
     denom = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(round_p(p, p_spec).to(compute), v) / denom
+    out = torch.matmul(round_p(p, p_spec).to(q.dtype), v) / denom
     lse = (m_safe + torch.log(denom)).squeeze(-1)
     empty = denom == 0
     if empty.any():
-        out = torch.where(empty, fully_masked_value(compute, q.device), out)
+        out = torch.where(empty, fully_masked_value(q.dtype, q.device), out)
     return out, lse.to(torch.float32)
 
 
@@ -89,10 +114,7 @@ class ReferenceBackend(Backend):
     def attention(
         self, q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if call.dtype == torch.float64 else torch.float32
         return attention_from_dequantized(
-            q.dequantize(torch.float32),
-            k.dequantize(torch.float32),
-            v.dequantize(torch.float32),
-            call,
-            call.config.p,
+            q.dequantize(dtype), k.dequantize(dtype), v.dequantize(dtype), call, call.config.p
         )
