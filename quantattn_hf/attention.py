@@ -25,14 +25,21 @@ def _config_from_json(text: str) -> QuantConfig:
     return QuantConfig.from_json(text)
 
 
-def _describe(cfg: QuantConfig) -> tuple[str, tuple[str, str, str]]:
+@functools.lru_cache(maxsize=256)
+def _describe(
+    config: QuantConfig | str | None, held: tuple[OperandQuant, OperandQuant, int] | None
+) -> tuple[str, tuple[str, str, str]]:
+    """The op's config JSON and the Q/K/V precisions, cached: decode calls the op once per layer per token."""
+    cfg = resolve_config(config)
+    if held is not None:
+        cfg = cfg.replace(k=held[0], v=held[1], strategy_version=held[2])
     return cfg.to_json(), (cfg.q.precision, cfg.k.precision, cfg.v.precision)
 
 
 @torch.compiler.assume_constant_result
 def _config_json(config: QuantConfig | str | None) -> tuple[str, tuple[str, str, str]]:
     """The op's config argument and the Q/K/V precisions; constants for torch.compile (no json traced)."""
-    return _describe(resolve_config(config))
+    return _describe(config, None)
 
 
 @torch.compiler.assume_constant_result
@@ -40,7 +47,7 @@ def _held_config_json(
     config: QuantConfig | str | None, k: OperandQuant, v: OperandQuant, version: int
 ) -> tuple[str, tuple[str, str, str]]:
     """As `_config_json` over held K/V: their own specs and strategy version replace the config's."""
-    return _describe(resolve_config(config).replace(k=k, v=v, strategy_version=version))
+    return _describe(config, (k, v, version))
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -341,6 +348,8 @@ def quantized_attention(
             *args,
             static[:3],
         )
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        out, lse = torch.ops.quantattn.attention_train(query, key, value, *args, static)[:2]
     else:
         out, lse = _attention_op(query, key, value, *args, static)
     if layout == "BSHD":

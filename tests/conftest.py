@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be chosen before any
+    # @triton.jit decorates (transformers imports triton, so this comes first).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def sdpa64(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

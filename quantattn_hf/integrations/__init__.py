@@ -1,0 +1,1 @@
+"""Integrations with Hugging Face libraries: diffusers (`.diffusers`: processors, apply/remove), transformers."""

@@ -1,0 +1,208 @@
+"""Training through attention: forward + backward time and memory of quantattn-hf presets against SDPA.
+
+One Flux-sized attention layer (B=1, H=24, N=4608, D=128, bf16) and one Llama-sized layer (B=1, Hq=32,
+Hkv=8 GQA, N=4096, D=128, causal), side by side in one run. Per method: forward ms (with autograd
+recording), forward+backward ms, backward ms (the difference), bytes saved for backward (tensors
+autograd keeps after the forward; Q, K, V come from a projection stand-in so that nothing else holds
+them) and, on CUDA, the peak memory of forward+backward above the inputs. `--tiny` runs small shapes
+on the CPU as a smoke test.
+
+    python scripts/bench_train.py --json out/bench_train.json
+    python scripts/bench_train.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from quantattn_hf import quantized_attention
+
+LAYERS = {  # name: (B, Hq, Hkv, N, D, causal)
+    "flux": (1, 24, 24, 4608, 128, False),
+    "llama": (1, 32, 8, 4096, 128, True),
+}
+TINY_LAYERS = {"flux": (1, 2, 2, 96, 64, False), "llama": (1, 4, 2, 80, 64, True)}
+DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8")
+MIB = 1 << 20
+SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median wall time of fn in ms (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def attention_fn(method: str, causal: bool, backend: str | None):
+    """(q, k, v) -> out for SDPA (default choice, or one of its kernels) or one quantattn-hf preset."""
+    if method == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    if method in SDPA_KERNELS:
+
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(SDPA_KERNELS[method]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+        return sdpa
+    return lambda q, k, v: quantized_attention(
+        q, k, v, config=method, is_causal=causal, enable_gqa=True, backend=backend
+    )
+
+
+def run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> dict:
+    """Time and memory of one method on one layer shape."""
+    b, hq, hkv, n, d, causal = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    leaves = [
+        torch.randn(b, h, n, d, device=device, dtype=dtype, generator=gen).requires_grad_() for h in (hq, hkv, hkv)
+    ]
+    dout = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
+    attn = attention_fn(method, causal, args.backend)
+
+    def forward() -> torch.Tensor:
+        # `x * 1` stands in for the Q/K/V projections: non-leaf tensors only the attention can keep alive
+        return attn(*(x * 1 for x in leaves))
+
+    def forward_backward() -> None:
+        forward().backward(dout)
+
+    fwd_ms = timed(forward, device, args.warmup, args.reps)  # the training forward: records the graph
+    train_ms = timed(forward_backward, device, args.warmup, args.reps)
+    for x in leaves:
+        x.grad = None
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    leaf_ptrs = {x.untyped_storage().data_ptr() for x in leaves}
+    saved_bytes = sum(nb for ptr, nb in saved.items() if ptr not in leaf_ptrs)
+    out.backward(dout)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    del out
+    return {
+        "method": method,
+        "fwd_ms": fwd_ms,
+        "fwd_bwd_ms": train_ms,
+        "bwd_ms": train_ms - fwd_ms,
+        "saved_mib": saved_bytes / MIB,
+        "peak_mib": peak,
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    """`x` formatted by `spec` (such as '>9.2f'), or 'n/a' right-aligned to the same width."""
+    width = spec.lstrip(">").split(".")[0]
+    return format("n/a", f">{width}") if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
+    parser.add_argument("--backend", default=None, help="quantattn-hf backend (default: the device's)")
+    parser.add_argument(
+        "--sdpa-kernels",
+        default=None,
+        help="extra SDPA rows pinned to one kernel: sdpa-flash, sdpa-cudnn (default on CUDA: both; CPU: none)",
+    )
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    args.reps = args.reps if args.reps is not None else (3 if args.tiny else 20)
+    layers = TINY_LAYERS if args.tiny else LAYERS
+    kernels = args.sdpa_kernels if args.sdpa_kernels is not None else ",".join(SDPA_KERNELS) * (device.type == "cuda")
+    methods = ["sdpa", *[m for m in kernels.split(",") if m], *[p for p in args.presets.split(",") if p]]
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print("command:", " ".join(sys.argv))
+    print(f"device: {device} ({device_name}); dtype {args.dtype}")
+    print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+    rows = []
+    for layer, shape in layers.items():
+        for method in methods:
+            try:
+                rows.append({"layer": layer, "shape": list(shape), **run_layer(method, shape, dtype, device, args)})
+                print(f"  done {layer} {method}: fwd+bwd {rows[-1]['fwd_bwd_ms']:.2f} ms", flush=True)
+            except RuntimeError as exc:  # an SDPA kernel that cannot serve this shape or device
+                if method not in SDPA_KERNELS:
+                    raise
+                print(f"{layer} {method}: skipped ({str(exc).splitlines()[0][:100]})")
+    sdpa = {r["layer"]: r for r in rows if r["method"] == "sdpa"}
+
+    header = (
+        f"{'layer':<6} {'B,Hq,Hkv,N,D,causal':<26} {'method':<15} {'fwd ms':>8} {'fwd+bwd':>9} {'bwd ms':>8} "
+        f"{'bwd/SDPA':>9} {'saved MiB':>10} {'saved/SDPA':>11} {'peak MiB':>9} {'peak/SDPA':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        base = sdpa[r["layer"]]
+        r["bwd_vs_sdpa"] = r["bwd_ms"] / base["bwd_ms"] if base["bwd_ms"] > 0 else None
+        r["saved_vs_sdpa"] = r["saved_mib"] / base["saved_mib"] if base["saved_mib"] else None
+        r["peak_vs_sdpa"] = r["peak_mib"] / base["peak_mib"] if r["peak_mib"] and base["peak_mib"] else None
+        shape = ",".join(str(x) for x in r["shape"])
+        print(
+            f"{r['layer']:<6} {shape:<26} {r['method']:<15} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>9.3f} "
+            f"{r['bwd_ms']:>8.3f} {_fmt(r['bwd_vs_sdpa'], '>9.2f')} {r['saved_mib']:>10.2f} "
+            f"{_fmt(r['saved_vs_sdpa'], '>11.2f')} {_fmt(r['peak_mib'], '>9.1f')} {_fmt(r['peak_vs_sdpa'], '>10.2f')}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"command": sys.argv, "device": str(device), "device_name": device_name, "dtype": args.dtype,
+                 "versions": versions, "rows": rows},
+                f,
+                indent=2,
+            )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
