@@ -12,12 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from quantattn_hf.attention import quantized_attention  # noqa: E402
 from quantattn_hf.backends import AttentionCall  # noqa: E402
 from quantattn_hf.backends.reference import attention_from_dequantized  # noqa: E402
 from quantattn_hf.backends.triton import TritonBackend  # noqa: E402
+from quantattn_hf.backends.triton import decode as triton_decode  # noqa: E402
 from quantattn_hf.backends.triton import launch as triton_launch  # noqa: E402
 from quantattn_hf.backends.triton import quantize as triton_quantize  # noqa: E402
 from quantattn_hf.config import PRESETS, OperandQuant, QuantConfig  # noqa: E402
@@ -243,6 +244,21 @@ def test_decode_masked_and_held_cache(monkeypatch):
     ref, ref_lse = quantized_attention(q, kq, vq, backend="reference", **kw)
     assert _rel_l1(out, ref) < REL_L1_16BIT
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL)
+
+
+@pytest.mark.parametrize("preset,block_n", [("kv-int4", 64), ("kv-int8", 128), ("qk-int8-pv-fp8", 128)])
+def test_decode_tile_of_several_groups(preset, block_n, monkeypatch):
+    """Decode tiles spanning 2 of K's statistic groups (channel / block mode), each group's statistics loaded once;
+    the last tile ends inside its first group, so its second group's statistics lie past the cache."""
+    monkeypatch.setattr(triton_launch, "decode_splits", lambda programs, kv_len: 3)
+    monkeypatch.setattr(triton_decode._decode_split, "configs", [triton.Config({"BLOCK_N": block_n}, num_warps=4)])
+    length = 2 * block_n + 22
+    q, k, v = _inputs(1, 8, 2, 1, length, 64, torch.bfloat16)
+    out, lse, ref, ref_lse = _both(q, k, v, config=preset)
+    assert _rel_l1(out, ref) < REL_L1_16BIT
+    exact = _float64_attention(q, k, v, preset)
+    assert _rel_l1(out, exact) <= 1.25 * _rel_l1(ref, exact) + 2e-3
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16)
 
 
 def test_float32_inputs_computed_in_fp16():

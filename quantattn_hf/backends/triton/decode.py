@@ -10,15 +10,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import cast, dot_operand, load_dequant, to_fp8
+from .tiles import cast, dot_operand, load_dequant, load_dequant_groups, tile_groups, to_fp8
 from .tuning import decode_configs
 
 
-@triton.autotune(configs=decode_configs(), key=["TUNE_N", "R_PAD", "D_PAD", "DV_PAD", "SPLITS"])
+@triton.autotune(
+    configs=decode_configs(),
+    key=["TUNE_N", "R_PAD", "D_PAD", "DV_PAD", "SPLITS", "K_PREC", "K_MODE", "V_PREC", "V_MODE"],
+)
 @triton.heuristics(
     {
         "K_ALIGNED": lambda a: a["K_T"] % a["BLOCK_N"] == 0,
         "V_ALIGNED": lambda a: a["V_T"] % a["BLOCK_N"] == 0,
+        "K_GROUPS": lambda a: tile_groups(a["K_MODE"], a["K_T"], a["BLOCK_N"]),
+        "V_GROUPS": lambda a: tile_groups(a["V_MODE"], a["V_T"], a["BLOCK_N"]),
     }
 )
 @triton.jit
@@ -36,7 +41,8 @@ def _decode_split(
     P_ROUND: tl.constexpr, QK_DTYPE: tl.constexpr, PV_DTYPE: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INTERPRET: tl.constexpr,
     R_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_ALIGNED: tl.constexpr, V_ALIGNED: tl.constexpr, TRANSPOSED_QK: tl.constexpr,
+    K_ALIGNED: tl.constexpr, V_ALIGNED: tl.constexpr, K_GROUPS: tl.constexpr, V_GROUPS: tl.constexpr,
+    TRANSPOSED_QK: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -74,10 +80,16 @@ def _decode_split(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        k = load_dequant(
-            K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
-            sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, K_T, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_ALIGNED,
-        )  # fmt: skip
+        if K_GROUPS > 1:
+            k = load_dequant_groups(
+                K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
+                sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, hi, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_GROUPS,
+            )  # fmt: skip
+        else:
+            k = load_dequant(
+                K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
+                sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, K_T, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_ALIGNED,
+            )  # fmt: skip
         k = dot_operand(k, QK_DTYPE, INTERPRET)
         if TRANSPOSED_QK:
             s = tl.trans(tl.dot(k, q_t)) * qk_scale
@@ -99,10 +111,16 @@ def _decode_split(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        v = load_dequant(
-            V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
-            sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, V_T, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_ALIGNED,
-        )  # fmt: skip
+        if V_GROUPS > 1:
+            v = load_dequant_groups(
+                V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
+                sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, hi, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_GROUPS,
+            )  # fmt: skip
+        else:
+            v = load_dequant(
+                V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
+                sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, V_T, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_ALIGNED,
+            )  # fmt: skip
         v = dot_operand(v, PV_DTYPE, INTERPRET)
         if P_ROUND == 3:
             pr = dot_operand(to_fp8(p * 448.0, INTERPRET), PV_DTYPE, INTERPRET)

@@ -160,3 +160,66 @@ def row_scale(s_ptr, s_base, tok, tok0, rmask, ss_g, T, MODE: tl.constexpr, ALIG
     else:
         scale = tl.load(s_ptr + s_base + (tok // T).to(tl.int64) * ss_g, mask=rmask, other=0.0)
     return scale
+
+
+def tile_groups(mode: int, group: int, block_n: int) -> int:
+    """Whole statistic groups in a key tile when a channel/block-mode tile spans several (else 0): host heuristic."""
+    if mode in (3, 4) and group < block_n and block_n % group == 0:
+        return block_n // group
+    return 0
+
+
+@triton.jit
+def load_dequant_groups(
+    ptr,
+    s_ptr,
+    z_ptr,
+    m_ptr,
+    base,
+    s_base,
+    m_base,
+    tok,
+    tok0,
+    cols,
+    rmask,
+    cmask,
+    s_tok,
+    s_col,
+    ss_g,
+    ss_d,
+    sm_g,
+    sm_d,
+    end,
+    PREC: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    """load_dequant for a [R, C] tile of GROUPS whole groups from tok0 (a group edge): statistics loaded once per group.
+
+    The per-token gather of load_dequant's unaligned path reads R x C statistics per tile (8x the int4 codes'
+    bytes); here each group's [C] (or scalar) statistics are loaded once and broadcast over its R // GROUPS tokens.
+    """
+    x = load_codes(ptr, base, tok, cols, rmask, cmask, s_tok, s_col, PREC).to(tl.float32)
+    n_tok: tl.constexpr = tok.shape[0]
+    n_col: tl.constexpr = cols.shape[0]
+    per: tl.constexpr = n_tok // GROUPS
+    gi = tl.arange(0, GROUPS)
+    g = (gi + tok0 // per).to(tl.int64)[:, None]
+    gmask = (gi * per + tok0 < end)[:, None]
+    if MODE == 3:
+        s_off = s_base + g * ss_g + cols[None, :] * ss_d
+        s_mask = gmask & cmask[None, :]
+    else:
+        s_off = s_base + g * ss_g
+        s_mask = gmask
+    x3 = tl.reshape(x, [GROUPS, per, n_col])
+    if HAS_ZERO:
+        x3 = x3 - tl.load(z_ptr + s_off, mask=s_mask, other=0.0)[:, None, :]
+    x3 = x3 * tl.load(s_ptr + s_off, mask=s_mask, other=0.0)[:, None, :]
+    if HAS_MEAN:
+        mean = tl.load(m_ptr + m_base + g * sm_g + cols[None, :] * sm_d, mask=gmask & cmask[None, :], other=0.0)
+        x3 = x3 + mean[:, None, :]
+    x = tl.reshape(x3, [n_tok, n_col])
+    return tl.where(rmask[:, None] & cmask[None, :], x, 0.0)

@@ -71,6 +71,8 @@ def decode_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
     ]
 
 
@@ -79,8 +81,12 @@ def bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(max(n, 1)))
 
 
+# Programs per SM the split-KV decode grid aims at (the split count is derived from it).
+DECODE_WAVES = 4
+
+
 def decode_splits(programs: int, kv_len: int, block_n: int = 128) -> int:
-    """KV splits so that about four waves of programs fill the device, each split at least two tiles long."""
+    """KV splits so that about DECODE_WAVES programs per SM fill the device, each split at least two tiles long."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device_arch() else 4
-    want = max(1, (4 * sms) // max(programs, 1))
+    want = max(1, (DECODE_WAVES * sms) // max(programs, 1))
     return max(1, min(want, triton.cdiv(kv_len, 2 * block_n), 64))
