@@ -23,8 +23,10 @@ from quantattn_hf.tiny import tiny_flux_pipeline
 
 METHODS = ("absmax", "percentile", "mse")
 CONFIGS = {
+    "kv-int8": QuantConfig.preset("kv-int8"),
     "kv-int4": QuantConfig.preset("kv-int4"),
     "kv-int4-v8": QuantConfig.preset("kv-int4-v8"),
+    "qk-int8-pv-fp8": QuantConfig.preset("qk-int8-pv-fp8"),
     "qk-int4-pv-fp8 (qk-int8-pv-fp8, Q and K in int4)": QuantConfig.preset("qk-int8-pv-fp8").replace(
         q=OperandQuant("int4", mode="block", block_size=64),
         k=OperandQuant("int4", mode="block", block_size=64, subtract_mean=True),

@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per test worker: oversubscribed threads slow small CPU ops by 30x or more
+    torch.set_num_threads(1)
+
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be chosen before any
     # @triton.jit decorates (transformers imports triton, so this comes first).

@@ -255,10 +255,12 @@ def test_decode_tile_of_several_groups(preset, block_n, monkeypatch):
     length = 2 * block_n + 22
     q, k, v = _inputs(1, 8, 2, 1, length, 64, torch.bfloat16)
     out, lse, ref, ref_lse = _both(q, k, v, config=preset)
-    assert _rel_l1(out, ref) < REL_L1_16BIT
+    # Against the reference, measured in the interpreter: kv presets <= 6.4e-4 (BLOCK_N 32, 64 and 128 alike);
+    # qk-int8-pv-fp8 6.7e-3..7.9e-3 at every BLOCK_N (P rounded to FP8 after a differently ordered max); lse <= 1.1e-3.
+    assert _rel_l1(out, ref) < (1e-2 if preset == "qk-int8-pv-fp8" else REL_L1_16BIT)
     exact = _float64_attention(q, k, v, preset)
     assert _rel_l1(out, exact) <= 1.25 * _rel_l1(ref, exact) + 2e-3
-    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL)
 
 
 def test_float32_inputs_computed_in_fp16():

@@ -11,6 +11,8 @@ from .schema import (
     Calibration,
     CalibrationError,
     parse_metadata,
+    static_operands,
+    takes_static,
 )
 from .stats import CalibrationStats, OperandStats
 from .use import (
@@ -51,4 +53,6 @@ __all__ = [
     "read_calibration",
     "save_calibrated",
     "save_calibration",
+    "static_operands",
+    "takes_static",
 ]

@@ -1,7 +1,9 @@
 """Static scales from calibration statistics: `absmax`, `percentile`, and `mse` (search over clipping ratios).
 
 Each method picks, per group of the operand's mode (per head and channel in `channel` mode, per head
-in `row`/`block` mode, one for `tensor` mode), the range a static scale covers. `mse` quantises the
+in `block` mode, one for `tensor` mode), the range a static scale covers. Per-token (`row`) operands
+get none: a per-token scale is a reduction over the token's own channels, with no cross-token max
+for a static scale to remove, and one scale per head cannot follow each token; they stay dynamic. `mse` quantises the
 sampled tokens with `quant.quantize` itself for every candidate range and keeps, per group, the
 one with the least squared error, so it measures exactly what the kernels will compute.
 """
@@ -15,8 +17,8 @@ import torch
 
 from ..config import OperandQuant, QuantConfig, resolve_config
 from ..quant import ASYMMETRIC_RANGE, SYMMETRIC_QMAX, TINY, StaticQuant, quantize
-from .schema import Calibration
-from .stats import OPERAND_NAMES, CalibrationStats, OperandStats, quantile
+from .schema import Calibration, static_operands, takes_static
+from .stats import CalibrationStats, OperandStats, quantile
 
 METHODS = ("absmax", "percentile", "mse")
 
@@ -59,7 +61,7 @@ def _reduce(t: torch.Tensor, mode: str, how: str) -> torch.Tensor:
     if mode == "channel":
         return t
     fn = torch.amax if how == "max" else torch.amin
-    return fn(t, dim=1, keepdim=True) if mode in ("row", "block") else fn(t).view(1, 1)
+    return fn(t, dim=1, keepdim=True) if mode == "block" else fn(t).view(1, 1)
 
 
 def _group_values(sample: torch.Tensor, mode: str) -> torch.Tensor:
@@ -67,7 +69,7 @@ def _group_values(sample: torch.Tensor, mode: str) -> torch.Tensor:
     h, n, d = sample.shape
     if mode == "channel":
         return sample.transpose(1, 2)
-    if mode in ("row", "block"):
+    if mode == "block":
         return sample.reshape(h, 1, n * d)
     return sample.reshape(1, 1, h * n * d)
 
@@ -95,7 +97,7 @@ def _squared_error(sample: torch.Tensor, spec: OperandQuant, static: StaticQuant
     err = (quantize(x, spec, version, static).dequantize(torch.float32) - x).square()[0]
     if spec.mode == "channel":
         return err.sum(dim=1)
-    if spec.mode in ("row", "block"):
+    if spec.mode == "block":
         return err.sum(dim=(1, 2)).unsqueeze(1)
     return err.sum().view(1, 1)
 
@@ -126,6 +128,8 @@ def operand_static(
     method = resolve_method(method)
     if not spec.quantized:
         raise ValueError("operand_static: the operand is not quantised by its spec")
+    if not takes_static(spec):
+        raise ValueError("operand_static: a per-token (mode 'row') operand takes dynamic scales, not static ones")
     if stats.count == 0:
         raise ValueError("operand_static: no finite data was recorded for this operand")
     h, d = stats.heads, stats.dim
@@ -171,7 +175,8 @@ def compute_calibration(
     fingerprint: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> Calibration:
-    """Static scales for every recorded layer and every operand the config (or preset) quantises.
+    """Static scales for every recorded layer and every operand the config (or preset) quantises in groups
+    that span tokens; per-token (`row`) operands get none and are quantised dynamically at use.
 
     `device`: where the percentile / mse work runs (a GPU makes the mse search of a large model fast).
     """
@@ -179,13 +184,15 @@ def compute_calibration(
     config = resolve_config(config)
     if not stats.layers:
         raise ValueError("compute_calibration: no attention call was recorded; nothing to calibrate")
+    operands = static_operands(config)
+    if not operands:
+        raise ValueError(
+            "compute_calibration: the config quantises no operand in groups spanning tokens "
+            "(per-token, mode 'row', operands stay dynamic); nothing to calibrate"
+        )
     version = config.strategy_version
     layers = {
-        name: {
-            op: operand_static(ops[op], getattr(config, op), method, version, device)
-            for op in OPERAND_NAMES
-            if getattr(config, op).quantized
-        }
+        name: {op: operand_static(ops[op], getattr(config, op), method, version, device) for op in operands}
         for name, ops in sorted(stats.layers.items())
     }
     fp = dict(fingerprint or {"class": "", "models": {}})

@@ -3,6 +3,11 @@
 Safetensors metadata is string -> string. A calibration is four keys: the format name, the schema
 version, a SHA-256 of the payload, and the payload: one JSON document whose arrays are base64 of
 raw little-endian float32 bytes with their shape. `parse_metadata` raises only `CalibrationError`.
+
+Operands quantised per token (`mode="row"`) get no static scale: their groups span no tokens, so a
+dynamic scale needs no cross-token reduction, and one static scale per head cannot follow each
+token. Schema version 2 stores no entry for them (at use they are quantised dynamically); version 1
+files, which stored one, are read with that entry validated and then dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..config import STRATEGY_VERSION, OperandQuant, QuantConfig
 from ..quant import StaticQuant
 
 FORMAT_NAME = "quantattn-calibration"
-CALIBRATION_SCHEMA_VERSION = 1
+CALIBRATION_SCHEMA_VERSION = 2
 KEY_FORMAT = "quantattn.format"
 KEY_VERSION = "quantattn.schema_version"
 KEY_SHA256 = "quantattn.sha256"
@@ -38,6 +43,16 @@ class CalibrationError(ValueError):
     """A calibration file or payload that cannot be used: the message names the problem."""
 
 
+def takes_static(spec: OperandQuant) -> bool:
+    """True when calibration gives the operand static scales: quantised, in groups that span tokens (not `row`)."""
+    return spec.quantized and spec.mode != "row"
+
+
+def static_operands(config: QuantConfig) -> tuple[str, ...]:
+    """The operands among Q, K, V that a calibration for `config` holds static scales for."""
+    return tuple(op for op in ("q", "k", "v") if takes_static(getattr(config, op)))
+
+
 @dataclass
 class Calibration:
     """Static scales for every calibrated attention layer of one model, and what they were made for."""
@@ -47,12 +62,22 @@ class Calibration:
     layers: dict[str, dict[str, StaticQuant]]
     method: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        wanted = set(static_operands(self.config))
+        for name, ops in self.layers.items():
+            extra = set(ops) - wanted
+            if extra:
+                raise CalibrationError(
+                    f"layer {name!r:.80}: operand(s) {sorted(extra)} take no static scales with this config "
+                    "(not quantised, or quantised per token, mode 'row', which stays dynamic)"
+                )
+
     @property
     def strategy_version(self) -> int:
         return self.config.strategy_version
 
     def static_scales(self) -> dict[str, dict[str, StaticQuant]]:
-        """{layer name: {'q'|'k'|'v': StaticQuant}}: what `quantized_attention(static_scales=...)` takes per layer."""
+        """{layer name: {'q'|'k'|'v': StaticQuant}} for `quantized_attention(static_scales=...)` (no per-token ones)."""
         return {name: dict(ops) for name, ops in self.layers.items()}
 
     def to_metadata(self) -> dict[str, str]:
@@ -132,7 +157,7 @@ def decode_array(data: Any, where: str) -> torch.Tensor:
 
 
 def static_shapes(spec: OperandQuant, heads: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """The stored shape of each statistic the spec needs ({field: shape}), per docs/quantization.md groups."""
+    """The stored shape of each statistic the spec needs ({field: shape}); `row` groups occur in schema 1 only."""
     group = {"tensor": (1, 1, 1, 1), "row": (1, heads, 1, 1), "block": (1, heads, 1, 1), "channel": (1, heads, 1, dim)}
     shapes = {"scale": group[spec.mode]}
     if spec.subtract_mean:
@@ -173,14 +198,23 @@ def _parse_fingerprint(data: Any) -> dict[str, Any]:
     return data
 
 
-def _parse_layer(name: str, ops: Any, config: QuantConfig, shapes: dict[str, list[int]]) -> dict[str, StaticQuant]:
+def _parse_layer(
+    name: str, ops: Any, config: QuantConfig, shapes: dict[str, list[int]], schema: int
+) -> dict[str, StaticQuant]:
+    """One layer's static scales; schema 1 stored per-token (`row`) operands too: validated, then dropped."""
     where = f"layers[{name!r:.80}]"
     if not isinstance(ops, dict):
         raise CalibrationError(f"{where}: expected an object, got {type(ops).__name__}")
-    wanted = [op for op in ("q", "k", "v") if getattr(config, op).quantized]
+    quantized = [op for op in ("q", "k", "v") if getattr(config, op).quantized]
+    wanted = quantized if schema == 1 else list(static_operands(config))
     unknown = set(ops) - set(wanted)
-    if unknown:
+    if unknown - set(quantized):
         raise CalibrationError(f"{where}: operand(s) {sorted(unknown)} are not quantised by the config")
+    if unknown:
+        raise CalibrationError(
+            f"{where}: operand(s) {sorted(unknown)} are quantised per token (mode 'row'): they take dynamic "
+            f"scales, and a schema-{schema} file stores none for them"
+        )
     out = {}
     for op in wanted:
         if op not in ops:
@@ -199,12 +233,13 @@ def _parse_layer(name: str, ops: Any, config: QuantConfig, shapes: dict[str, lis
                 raise CalibrationError(f"{where}.{op}.{fname}: shape {list(t.shape)}, expected {list(shape)}")
             _check_values(fname, t, f"{where}.{op}")
             arrays[fname] = t
-        out[op] = StaticQuant(arrays["scale"], arrays.get("mean"), arrays.get("zero_point"))
+        if takes_static(getattr(config, op)):
+            out[op] = StaticQuant(arrays["scale"], arrays.get("mean"), arrays.get("zero_point"))
     return out
 
 
-def parse_payload(text: str) -> Calibration:
-    """The JSON payload (the `quantattn.calibration` value) as a `Calibration`, fully validated."""
+def parse_payload(text: str, schema: int = CALIBRATION_SCHEMA_VERSION) -> Calibration:
+    """The JSON payload (the `quantattn.calibration` value) of a schema-`schema` file as a `Calibration`, validated."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -233,7 +268,7 @@ def parse_payload(text: str) -> Calibration:
     if set(layers) != set(known):
         diff = sorted(set(layers) ^ set(known))[:5]
         raise CalibrationError(f"layers: the layer names differ from the fingerprint's (e.g. {diff})")
-    parsed = {name: _parse_layer(name, ops, config, known[name]) for name, ops in layers.items()}
+    parsed = {name: _parse_layer(name, ops, config, known[name], schema) for name, ops in layers.items()}
     return Calibration(config=config, fingerprint=fingerprint, layers=parsed, method=method)
 
 
@@ -275,4 +310,4 @@ def parse_metadata(metadata: Any) -> Calibration:
     payload = metadata[KEY_PAYLOAD]
     if hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest() != metadata[KEY_SHA256]:
         raise CalibrationError(f"{KEY_PAYLOAD}: corrupted (its SHA-256 does not match {KEY_SHA256})")
-    return parse_payload(payload)
+    return parse_payload(payload, version)

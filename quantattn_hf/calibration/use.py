@@ -4,6 +4,10 @@ diffusers: `apply(pipe, config, calibration=...)` calls `load_layer_calibration`
 processor hands its attention to its `LayerCalibration`. transformers: `attach_static_scales` sets
 `quantattn_static_scales` on each calibrated attention module (read by the "quantattn" attention
 function) and, by layer index, on the model (read by `QuantizedKVCache`).
+
+A calibration holds no scales for per-token (`mode="row"`) operands, e.g. V of the kv presets: they
+are absent from every `static_scales` mapping handed on, so `quantized_attention` and the cache
+quantise them dynamically, per token, while the other operands use the static scales.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _on_device(static: dict[str, StaticQuant], device: torch.device) -> dict[str
 
 
 class LayerCalibration:
-    """The static scales of one attention layer and the config they were made for; computes its attention."""
+    """The static scales of one attention layer (per-token operands: none, dynamic) and their config; computes it."""
 
     def __init__(self, name: str, config: QuantConfig, static: dict[str, StaticQuant]) -> None:
         self.name = name
@@ -79,7 +83,7 @@ class LayerCalibration:
         layout: str = "BHSD",
         **kwargs: Any,
     ) -> torch.Tensor:
-        """`quantized_attention` with this layer's static scales (what a diffusers processor calls)."""
+        """`quantized_attention` with this layer's static scales, the rest dynamic (a diffusers processor calls it)."""
         config = getattr(processor, "config", None) or self.config
         check_config(config, self.config, f"layer {self.name!r}")
         return quantized_attention(

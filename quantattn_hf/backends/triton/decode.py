@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import cast, dot_operand, load_dequant, load_dequant_groups, tile_groups, to_fp8
+from .tiles import cast, dot_operand, load_codes, load_dequant, load_dequant_groups, tile_groups, to_fp8
 from .tuning import decode_configs
 
 
@@ -24,6 +24,16 @@ from .tuning import decode_configs
         "V_ALIGNED": lambda a: a["V_T"] % a["BLOCK_N"] == 0,
         "K_GROUPS": lambda a: tile_groups(a["K_MODE"], a["K_T"], a["BLOCK_N"]),
         "V_GROUPS": lambda a: tile_groups(a["V_MODE"], a["V_T"], a["BLOCK_N"]),
+        "K_FOLD": lambda a: (
+            a["K_PREC"] in (1, 2, 3) and a["K_MODE"] in (3, 4) and not a["K_HAS_ZERO"] and a["K_T"] % a["BLOCK_N"] == 0
+        ),
+        "V_FOLD": lambda a: (
+            a["V_PREC"] in (1, 2, 3)
+            and a["V_MODE"] == 2
+            and not a["V_HAS_ZERO"]
+            and not a["V_HAS_MEAN"]
+            and a["P_ROUND"] != 3
+        ),
     }
 )
 @triton.jit
@@ -42,7 +52,7 @@ def _decode_split(
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INTERPRET: tl.constexpr,
     R_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     K_ALIGNED: tl.constexpr, V_ALIGNED: tl.constexpr, K_GROUPS: tl.constexpr, V_GROUPS: tl.constexpr,
-    TRANSPOSED_QK: tl.constexpr,
+    K_FOLD: tl.constexpr, V_FOLD: tl.constexpr, TRANSPOSED_QK: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -61,6 +71,7 @@ def _decode_split(
         (b * sqm_b + h * sqm_h)[:, None], qi, 0, offs_d, r_valid, d_valid, sq_s, sq_d, sqs_g, sqs_d,
         sqm_g, sqm_d, Q_T, Q_PREC, Q_MODE, Q_HAS_ZERO, Q_HAS_MEAN, False,
     )  # fmt: skip
+    q_f = q
     q = dot_operand(q, QK_DTYPE, INTERPRET)
     q_t = tl.trans(q)
     k_base = b * sk_b + hk * sk_h
@@ -80,21 +91,33 @@ def _decode_split(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        if K_GROUPS > 1:
-            k = load_dequant_groups(
-                K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
-                sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, hi, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_GROUPS,
+        if K_FOLD:
+            g = (start_n // K_T).to(tl.int64)
+            k_op, q_k, bias = fold_k_group(
+                K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, offs_d, n_valid, d_valid,
+                sk_s, sk_d, sks_d, skm_d, q_f, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET,
             )  # fmt: skip
+            if TRANSPOSED_QK:
+                s = tl.trans(tl.dot(k_op, tl.trans(q_k)))
+            else:
+                s = tl.dot(q_k, tl.trans(k_op))
+            s = (s + bias[:, None]) * qk_scale
         else:
-            k = load_dequant(
-                K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
-                sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, K_T, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_ALIGNED,
-            )  # fmt: skip
-        k = dot_operand(k, QK_DTYPE, INTERPRET)
-        if TRANSPOSED_QK:
-            s = tl.trans(tl.dot(k, q_t)) * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if K_GROUPS > 1:
+                k = load_dequant_groups(
+                    K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
+                    sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, hi, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_GROUPS,
+                )  # fmt: skip
+            else:
+                k = load_dequant(
+                    K, Ks, Kz, Km, k_base, ks_base, km_base, offs_n, start_n, offs_d, n_valid, d_valid,
+                    sk_s, sk_d, sks_g, sks_d, skm_g, skm_d, K_T, K_PREC, K_MODE, K_HAS_ZERO, K_HAS_MEAN, K_ALIGNED,
+                )  # fmt: skip
+            k = dot_operand(k, QK_DTYPE, INTERPRET)
+            if TRANSPOSED_QK:
+                s = tl.trans(tl.dot(k, q_t)) * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
         keep = n_valid[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_n[None, :] <= qi[:, None] + (SK - SQ))
@@ -111,22 +134,36 @@ def _decode_split(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
-        if V_GROUPS > 1:
-            v = load_dequant_groups(
-                V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
-                sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, hi, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_GROUPS,
-            )  # fmt: skip
+        if V_FOLD:
+            v = dot_operand(
+                load_codes(V, v_base, offs_n, offs_dv, n_valid, dv_valid, sv_s, sv_d, V_PREC).to(tl.float32),
+                PV_DTYPE,
+                INTERPRET,
+            )
+            # P·V' = (P·diag(scale))·codes: V's per-token scales go onto P (over the tile's largest, so that the
+            # scaled P keeps P's range in fp16) instead of onto the [BLOCK_N, DV] value tile.
+            v_scale = tl.load(Vs + vs_base + offs_n.to(tl.int64) * svs_g, mask=n_valid, other=0.0)
+            v_max = tl.max(v_scale, axis=0)
+            v_max = tl.where(v_max > 0.0, v_max, 1.0)
+            pr = dot_operand(p * (v_scale / v_max)[None, :], PV_DTYPE, INTERPRET)
+            acc = acc + tl.dot(pr, v) * v_max
         else:
-            v = load_dequant(
-                V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
-                sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, V_T, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_ALIGNED,
-            )  # fmt: skip
-        v = dot_operand(v, PV_DTYPE, INTERPRET)
-        if P_ROUND == 3:
-            pr = dot_operand(to_fp8(p * 448.0, INTERPRET), PV_DTYPE, INTERPRET)
-        else:
-            pr = dot_operand(p, PV_DTYPE, INTERPRET)
-        acc = tl.dot(pr, v, acc)
+            if V_GROUPS > 1:
+                v = load_dequant_groups(
+                    V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
+                    sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, hi, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_GROUPS,
+                )  # fmt: skip
+            else:
+                v = load_dequant(
+                    V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
+                    sv_s, sv_d, svs_g, svs_d, svm_g, svm_d, V_T, V_PREC, V_MODE, V_HAS_ZERO, V_HAS_MEAN, V_ALIGNED,
+                )  # fmt: skip
+            v = dot_operand(v, PV_DTYPE, INTERPRET)
+            if P_ROUND == 3:
+                pr = dot_operand(to_fp8(p * 448.0, INTERPRET), PV_DTYPE, INTERPRET)
+            else:
+                pr = dot_operand(p, PV_DTYPE, INTERPRET)
+            acc = tl.dot(pr, v, acc)
         m_i = m_new
     if P_ROUND == 3:
         acc = acc * (1.0 / 448.0)
@@ -138,6 +175,28 @@ def _decode_split(
     part = row_id * SPLITS + split
     tl.store(Op + part[:, None] * DV_PAD + offs_dv[None, :], out, mask=r_valid[:, None])
     tl.store(Lp + part, lse2, mask=r_valid)
+
+
+@triton.jit
+def fold_k_group(
+    K, Ks, Km, k_base, ks_off, km_off, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, sks_d, skm_d, q,
+    PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """(K codes, Q times K's scales, Q·mean) of a key tile inside one statistic group, as dot operands.
+
+    Q·K'ᵀ = (Q·diag(scale))·codesᵀ + Q·mean: the [R, D] query tile is scaled once per tile instead of the
+    [BLOCK_N, D] key tile being dequantised, and the codes go to the dot with only a conversion (exact in 16 bits).
+    """
+    codes = load_codes(K, k_base, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, PREC).to(tl.float32)
+    if MODE == 3:
+        scale = tl.load(Ks + ks_off + offs_d * sks_d, mask=d_valid, other=0.0)[None, :]
+    else:
+        scale = tl.load(Ks + ks_off)
+    bias = tl.zeros([q.shape[0]], tl.float32)
+    if HAS_MEAN:
+        mean = tl.load(Km + km_off + offs_d * skm_d, mask=d_valid, other=0.0)
+        bias = tl.sum(q * mean[None, :], axis=1)
+    return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale, DTYPE, INTERPRET), bias
 
 
 @triton.jit
