@@ -119,22 +119,23 @@ def check_inputs(
         _check_mask(attn_mask, q, (b, hq, sq, sk))
 
 
-def _run(
+def make_call(
     query: torch.Tensor,
-    kq: QuantizedTensor,
-    vq: QuantizedTensor,
+    q_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
     config: QuantConfig,
-    backend: str,
-    q_static: StaticQuant | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the backend for this call and run its attention over held K/V (Q is quantised here)."""
-    b, hq, sq, d = query.shape
-    _, hkv, sk, dv = vq.shape
+) -> AttentionCall:
+    """The canonical AttentionCall of one op call (the mask broadcast to [B, Hq, Sq, Sk]).
+
+    `query` gives the dtype and device (the upstream gradient serves in backward), the shapes the sizes.
+    """
+    b, hq, sq, d = q_shape
+    _, hkv, sk, dv = v_shape
     mask = None if attn_mask is None else attn_mask.expand(b, hq, sq, sk)
-    call = AttentionCall(
+    return AttentionCall(
         config=config,
         batch=b,
         q_heads=hq,
@@ -149,10 +150,43 @@ def _run(
         is_causal=is_causal,
         attn_mask=mask,
     )
+
+
+def quantize_kv(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    config: QuantConfig,
+    backend: str,
+    k_static: StaticQuant | None,
+    v_static: StaticQuant | None,
+) -> tuple[QuantizedTensor, QuantizedTensor]:
+    """K and V held by the quantiser of the backend the query's device uses."""
+    quantiser = select_backend_for_quantiser(query, backend)
+    sv = config.strategy_version
+    return (
+        _quantize_operand(quantiser, key, config.k, sv, k_static),
+        _quantize_operand(quantiser, value, config.v, sv, v_static),
+    )
+
+
+def run_attention(
+    query: torch.Tensor,
+    kq: QuantizedTensor,
+    vq: QuantizedTensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    config: QuantConfig,
+    backend: str,
+    q_static: StaticQuant | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, QuantizedTensor]:
+    """Pick the backend for this call and run its attention over held K/V: (out, lse, held Q)."""
+    call = make_call(query, query.shape, vq.shape, attn_mask, is_causal, scale, config)
     impl = select_backend(call, backend or None)
     qq = _quantize_operand(impl, query, config.q, config.strategy_version, q_static)
     out, lse = impl.attention(qq, kq, vq, call)
-    return out.to(query.dtype).contiguous(), lse.to(torch.float32).contiguous()
+    return out.to(query.dtype).contiguous(), lse.to(torch.float32).contiguous(), qq
 
 
 @torch.library.custom_op("quantattn::attention", mutates_args=())
@@ -168,12 +202,9 @@ def _attention_op(
     static: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     config = _config_from_json(config_json)
-    quantiser = select_backend_for_quantiser(query, backend)
-    sv = config.strategy_version
     q_static, k_static, v_static = _unpack_static(static)
-    kq = _quantize_operand(quantiser, key, config.k, sv, k_static)
-    vq = _quantize_operand(quantiser, value, config.v, sv, v_static)
-    return _run(query, kq, vq, attn_mask, is_causal, scale, config, backend, q_static)
+    kq, vq = quantize_kv(query, key, value, config, backend, k_static, v_static)
+    return run_attention(query, kq, vq, attn_mask, is_causal, scale, config, backend, q_static)[:2]
 
 
 @_attention_op.register_fake
@@ -207,7 +238,7 @@ def _attention_held_kv_op(
     kq = QuantizedTensor(k_data, k_scale, k_zero, k_mean, config.k, _held_shape(k_data, config.k), query.dtype, sv)
     vq = QuantizedTensor(v_data, v_scale, v_zero, v_mean, config.v, _held_shape(v_data, config.v), query.dtype, sv)
     static = _unpack_static([*q_static, None, None, None, None, None, None])[0]
-    return _run(query, kq, vq, attn_mask, is_causal, scale, config, backend, static)
+    return run_attention(query, kq, vq, attn_mask, is_causal, scale, config, backend, static)[:2]
 
 
 @_attention_held_kv_op.register_fake

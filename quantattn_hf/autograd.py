@@ -22,19 +22,18 @@ from .attention import (
     _held_shape,
     _quantize_operand,
     _unpack_static,
+    make_call,
+    quantize_kv,
+    run_attention,
     select_backend_for_quantiser,
 )
-from .backends import DEVICE_DEFAULTS, AttentionCall, select_backend
+from .backends import DEVICE_DEFAULTS, AttentionCall
 from .backends import reference_backward as _reference_backward
-from .config import OperandQuant, QuantConfig
-from .quant import STORAGE_DTYPES, QuantizedTensor
+from .config import OperandQuant
+from .quant import STORAGE_DTYPES, QuantizedTensor, group_shape, num_blocks
 
 PARTS = 4
 _WARNED: set[str] = set()
-
-
-def _blocks(seq_len: int, block_size: int) -> int:
-    return 1 if block_size == 0 else (seq_len + block_size - 1) // block_size
 
 
 def _held_like(x: torch.Tensor, spec: OperandQuant) -> list[torch.Tensor]:
@@ -42,11 +41,11 @@ def _held_like(x: torch.Tensor, spec: OperandQuant) -> list[torch.Tensor]:
     if not spec.quantized:
         return [x.new_empty((0,), dtype=torch.float32) for _ in range(PARTS)]
     b, h, s, d = x.shape
-    nb = _blocks(s, spec.block_size)
+    nb = num_blocks(s, spec.block_size)
     data = x.new_empty((b, h, s, d // 2 if spec.precision == "int4" else d), dtype=STORAGE_DTYPES[spec.precision])
-    group = {"tensor": (1, 1, 1, 1), "row": (b, h, s, 1), "channel": (b, h, nb, d), "block": (b, h, nb, 1)}
-    scale = x.new_empty(group[spec.mode], dtype=torch.float32)
-    zero = x.new_empty(group[spec.mode] if spec.strategy == "asymmetric" else (0,), dtype=torch.float32)
+    group = group_shape(tuple(x.shape), spec)
+    scale = x.new_empty(group, dtype=torch.float32)
+    zero = x.new_empty(group if spec.strategy == "asymmetric" else (0,), dtype=torch.float32)
     mean = x.new_empty((b, h, nb, d) if spec.subtract_mean else (0,), dtype=torch.float32)
     return [data, scale, zero, mean]
 
@@ -74,39 +73,6 @@ def _saved_parts(
     )
 
 
-def make_call(
-    query: torch.Tensor,
-    q_shape: tuple[int, ...],
-    v_shape: tuple[int, ...],
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    config: QuantConfig,
-) -> AttentionCall:
-    """The canonical AttentionCall of one op call (the mask broadcast to [B, Hq, Sq, Sk]).
-
-    `query` gives the dtype and device (the upstream gradient serves in backward), the shapes the sizes.
-    """
-    b, hq, sq, d = q_shape
-    _, hkv, sk, dv = v_shape
-    mask = None if attn_mask is None else attn_mask.expand(b, hq, sq, sk)
-    return AttentionCall(
-        config=config,
-        batch=b,
-        q_heads=hq,
-        kv_heads=hkv,
-        q_len=sq,
-        kv_len=sk,
-        head_dim=d,
-        head_dim_v=dv,
-        dtype=query.dtype,
-        device=query.device,
-        scale=scale,
-        is_causal=is_causal,
-        attn_mask=mask,
-    )
-
-
 @torch.library.custom_op("quantattn::attention_train", mutates_args=())
 def _attention_train_op(
     query: torch.Tensor,
@@ -120,20 +86,14 @@ def _attention_train_op(
     static: list[torch.Tensor | None],
 ) -> list[torch.Tensor]:
     config = _config_from_json(config_json)
-    quantiser = select_backend_for_quantiser(query, backend)
-    sv = config.strategy_version
     q_static, k_static, v_static = _unpack_static(static)
-    kq = _quantize_operand(quantiser, key, config.k, sv, k_static)
-    vq = _quantize_operand(quantiser, value, config.v, sv, v_static)
-    call = make_call(query, query.shape, value.shape, attn_mask, is_causal, scale, config)
-    impl = select_backend(call, backend or None)
-    qq = _quantize_operand(impl, query, config.q, sv, q_static)
-    out, lse = impl.attention(qq, kq, vq, call)
+    kq, vq = quantize_kv(query, key, value, config, backend, k_static, v_static)
+    out, lse, qq = run_attention(query, kq, vq, attn_mask, is_causal, scale, config, backend, q_static)
     held = [*_held_outputs(qq, query), *_held_outputs(kq, query), *_held_outputs(vq, query)]
     # calibrated statistics can come back from quantize as given; an op's outputs may not alias its inputs
     inputs = {t.untyped_storage().data_ptr() for t in (query, key, value, attn_mask, *static) if t is not None}
     held = [t.clone() if t.numel() and t.untyped_storage().data_ptr() in inputs else t for t in held]
-    return [out.to(query.dtype).contiguous(), lse.to(torch.float32).contiguous(), *held]
+    return [out, lse, *held]
 
 
 @_attention_train_op.register_fake

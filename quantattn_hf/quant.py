@@ -65,6 +65,13 @@ def _reduce_dims(spec: OperandQuant) -> tuple[int, ...]:
     return {"tensor": (0, 1, 2, 3), "row": (3,), "channel": (3,), "block": (3, 4)}[spec.mode]
 
 
+def group_shape(shape: tuple[int, ...], spec: OperandQuant) -> tuple[int, int, int, int]:
+    """The compact shape of the scales (and zero points) of a [B, H, S, D] tensor held by `spec`."""
+    b, h, s, d = shape
+    nb = num_blocks(s, spec.block_size)
+    return {"tensor": (1, 1, 1, 1), "row": (b, h, s, 1), "channel": (b, h, nb, d), "block": (b, h, nb, 1)}[spec.mode]
+
+
 def _expand(stat: torch.Tensor, spec: OperandQuant, seq_len: int) -> torch.Tensor:
     """Broadcast a compact per-group statistic back to [B, H, S, D or 1]."""
     if spec.mode in ("channel", "block"):
@@ -161,10 +168,8 @@ def _static_stat(stat: torch.Tensor | None, name: str, target: tuple[int, ...], 
 
 def _quantize_static(x: torch.Tensor, spec: OperandQuant, static: StaticQuant, version: int) -> QuantizedTensor:
     """Quantise with calibrated scale (and mean / zero point): no reduction over the data."""
-    b, h, s, d = x.shape
-    nb = num_blocks(s, spec.block_size) if spec.mode in ("channel", "block") else s
-    group = {"tensor": (1, 1, 1, 1), "row": (b, h, s, 1), "channel": (b, h, nb, d), "block": (b, h, nb, 1)}
-    target = group[spec.mode]
+    d, s = x.shape[3], x.shape[2]
+    target = group_shape(tuple(x.shape), spec)
     scale = _static_stat(static.scale, "scale", target, x)
     mean = _static_stat(static.mean, "mean", target[:3] + (d,), x) if spec.subtract_mean else None
     zero = _static_stat(static.zero_point, "zero_point", target, x) if spec.strategy == "asymmetric" else None

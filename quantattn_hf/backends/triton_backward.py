@@ -17,7 +17,7 @@ import triton.language as tl
 from ..quant import QuantizedTensor
 from .base import AttentionCall
 from .triton.interpreter_compat import patch_interpreter
-from .triton.launch import poisoning
+from .triton.launch import _mask_args, poisoning
 from .triton.operands import KernelOperand
 from .triton.tiles import cast, dot_operand, load_dequant
 from .triton.tuning import autotuning, bucket, interpreting
@@ -339,15 +339,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if poisoning():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _mask_args(call: AttentionCall, dummy: torch.Tensor) -> tuple[int, tuple]:
-    """(MASK_KIND, (mask, strides)): 0 none, 1 bool, 2 additive; size-1 dims broadcast with stride 0."""
-    mask = call.attn_mask
-    if mask is None:
-        return 0, (dummy, 0, 0, 0, 0)
-    strides = tuple(0 if n == 1 else s for n, s in zip(mask.shape, mask.stride(), strict=True))
-    return (1 if mask.dtype == torch.bool else 2), (mask, *strides)
 
 
 def attention_backward(

@@ -44,6 +44,7 @@ def compute_dtypes(call: AttentionCall) -> tuple[torch.dtype, torch.dtype]:
 
 
 def _mask_args(call: AttentionCall, dummy: torch.Tensor) -> tuple[int, tuple]:
+    """(MASK_KIND, (mask, strides)): 0 none, 1 bool, 2 additive; size-1 dims broadcast with stride 0."""
     mask = call.attn_mask
     if mask is None:
         return 0, (dummy, 0, 0, 0, 0)
