@@ -145,7 +145,9 @@ def test_round_trip_property(b, h, s, d, spec, magnitude, seed):
     assert back.shape == x.shape and torch.isfinite(back).all()
     levels = {"int8": 127, "int4": 7, "fp8_e4m3": 8}[spec.precision]
     assert float((back - x).abs().max()) <= float(x.abs().max()) * (2.0 / levels) + 1e-6
-    assert qt.nbytes() < x.numel() * 4 + qt.scale.numel() * 4 * 3 + 64
+    data_bytes = qt.data.numel() * qt.data.element_size()
+    assert data_bytes == (x.numel() // 2 if spec.precision == "int4" else x.numel())
+    assert qt.nbytes() == data_bytes + sum(t.numel() * 4 for t in (qt.scale, qt.zero_point, qt.mean) if t is not None)
 
 
 def test_non_finite_groups_dequantise_to_nan_and_others_stay_finite(gen):
