@@ -1,9 +1,12 @@
-"""INT4 calibration methods side by side: absmax vs percentile vs mse static scales, and dynamic scales.
+"""Static scales (absmax vs percentile vs mse) against dynamic scales, per preset, on unseen inputs.
 
 Calibrates the tiny random Flux pipeline (4 prompts) and a tiny random Llama (4 batches of random
 tokens), then measures on inputs not used for calibration: Flux, the relative L1 error of the final
 latents against the unquantised pipeline; Llama, the relative L1 error of every attention output
-against float64 SDPA. Prints the command, device, versions and a markdown table (docs/calibration.md).
+against float64 SDPA. Per-token (`row`) operands, e.g. V of the kv presets, get no static scale and
+stay dynamic. A second table: the relative squared quantisation error of each INT4 operand that has
+static scales, on the unseen calls, by method. Prints the command, device, versions and markdown
+tables (docs/calibration.md).
 
     python scripts/calibration_table.py
 """
@@ -19,6 +22,7 @@ import torch
 from quantattn_hf import OperandQuant, QuantConfig, quantized_attention
 from quantattn_hf.calibration import CalibrationStats, collect, compute_calibration, model_fingerprint
 from quantattn_hf.integrations.diffusers import apply, remove
+from quantattn_hf.quant import quantize
 from quantattn_hf.tiny import tiny_flux_pipeline
 
 METHODS = ("absmax", "percentile", "mse")
@@ -41,11 +45,42 @@ def _flux_run(pipe, prompt: str) -> torch.Tensor:
     return pipe(prompt, height=32, width=32, num_inference_steps=2, output_type="latent", generator=g).images
 
 
-def flux_rows() -> list[tuple[str, str, float, dict[str, float]]]:
-    """(model, config, dynamic error, {method: static error}) for the tiny Flux pipeline."""
+class _Recorder(CalibrationStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def record(self, layer_name, q, k, v) -> None:
+        self.seen.append((layer_name, q.clone(), k.clone(), v.clone()))
+
+
+def operand_rows(model: str, stats, seen, fingerprint) -> list[tuple[str, str, str, dict[str, float]]]:
+    """(model, config, operand, {method: relative squared quantisation error}) of each static INT4 operand."""
+    rows = []
+    for name, cfg in CONFIGS.items():
+        cals = {m: compute_calibration(stats, cfg, m, fingerprint).layers for m in METHODS}
+        for i, op in enumerate("qkv"):
+            spec = getattr(cfg, op)
+            if spec.precision != "int4" or op not in next(iter(cals["mse"].values())):
+                continue
+            errors = {}
+            for m, layers in cals.items():
+                err = total = 0.0
+                for layer, *ops in seen:
+                    x = ops[i]
+                    err += (quantize(x, spec, static=layers[layer][op]).dequantize(torch.float32) - x).square().sum()
+                    total += x.square().sum()
+                errors[m] = (err / total).item()
+            rows.append((model, name, op.upper(), errors))
+    return rows
+
+
+def flux_rows() -> tuple[list[tuple[str, str, float, dict[str, float]]], list]:
+    """(model, config, dynamic error, {method: static error}) for the tiny Flux pipeline, and its operand rows."""
     pipe = tiny_flux_pipeline()
     pipe.set_progress_bar_config(disable=True)
     stats = collect(pipe, TRAIN, _flux_run, progress=False)
+    seen = collect(pipe, TEST, _flux_run, stats=_Recorder(), progress=False).seen
     with torch.no_grad():
         ref = [_flux_run(pipe, p) for p in TEST]
 
@@ -63,20 +98,11 @@ def flux_rows() -> list[tuple[str, str, float, dict[str, float]]]:
         fp = model_fingerprint(pipe)
         static = {m: error(cfg, compute_calibration(stats, cfg, m, fp)) for m in METHODS}
         rows.append(("tiny Flux (final latents)", name, error(cfg), static))
-    return rows
+    return rows, operand_rows("tiny Flux", stats, seen, model_fingerprint(pipe))
 
 
-class _Recorder(CalibrationStats):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def record(self, layer_name, q, k, v) -> None:
-        self.seen.append((layer_name, q.clone(), k.clone(), v.clone()))
-
-
-def llama_rows() -> list[tuple[str, str, float, dict[str, float]]]:
-    """(model, config, dynamic error, {method: static error}) for a tiny random Llama's attention outputs."""
+def llama_rows() -> tuple[list[tuple[str, str, float, dict[str, float]]], list]:
+    """(model, config, dynamic error, {method: static error}) for a tiny random Llama, and its operand rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -117,14 +143,14 @@ def llama_rows() -> list[tuple[str, str, float, dict[str, float]]]:
         fp = model_fingerprint(model)
         static = {m: error(cfg, compute_calibration(stats, cfg, m, fp).layers) for m in METHODS}
         rows.append(("tiny Llama (attention outputs)", name, error(cfg), static))
-    return rows
+    return rows, operand_rows("tiny Llama", stats, seen, model_fingerprint(model))
 
 
 def main() -> None:
     """Print the header lines and the table."""
     start = time.time()
     torch.set_num_threads(1)
-    rows = flux_rows() + llama_rows()
+    (flux, flux_ops), (llama, llama_ops) = flux_rows(), llama_rows()
     import diffusers
     import transformers
 
@@ -138,10 +164,17 @@ def main() -> None:
         "| model | config | dynamic | static absmax | static percentile (99.9) | static mse | best static / dynamic |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for model, cfg, dynamic, static in rows:
+    for model, cfg, dynamic, static in flux + llama:
         best = min(static.values())
         cells = " | ".join(f"{static[m]:.3e}" for m in METHODS)
         print(f"| {model} | {cfg} | {dynamic:.3e} | {cells} | {best / dynamic:.2f}x |")
+    print("\nINT4 operands with static scales: relative squared quantisation error on the unseen calls\n")
+    print("| model | config | operand | absmax | percentile (99.9) | mse | percentile / absmax | mse / absmax |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for model, cfg, op, e in flux_ops + llama_ops:
+        cells = " | ".join(f"{e[m]:.3e}" for m in METHODS)
+        ratios = f"{e['percentile'] / e['absmax']:.2f}x | {e['mse'] / e['absmax']:.2f}x"
+        print(f"| {model} | {cfg} | {op} | {cells} | {ratios} |")
     print(f"\n({time.time() - start:.1f} s)")
 
 

@@ -19,6 +19,7 @@ from quantattn_hf.calibration import (
 from quantattn_hf.calibration.cli import main as cli_main
 from quantattn_hf.integrations.kv_cache import QuantizedKVCache
 from quantattn_hf.integrations.transformers import configure
+from quantattn_hf.quant import quantize
 
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
@@ -100,46 +101,40 @@ def test_save_reload_byte_identical(llama, tmp_path):
     cal = _cal(llama, "kv-int8", "mse")
     loaded = load_calibration(save_calibration(cal, tmp_path / "c.safetensors"), model)
     for name in LAYERS:
-        for op in ("k", "v"):
-            assert loaded[name][op].scale.numpy().tobytes() == cal.layers[name][op].scale.numpy().tobytes()
+        assert set(loaded[name]) == {"k"}  # V is held per token: no static scale, dynamic at use
+        assert loaded[name]["k"].scale.numpy().tobytes() == cal.layers[name]["k"].scale.numpy().tobytes()
         assert loaded[name]["k"].mean.numpy().tobytes() == cal.layers[name]["k"].mean.numpy().tobytes()
 
 
-def test_static_scales_within_1_2x_of_dynamic_on_unseen_tokens(llama):
-    """Measured (relative L1 of attention outputs vs float64): qk-int8-pv-fp8 dynamic 2.46e-2, static mse 2.55e-2
-    (1.04x); kv-int8 with static K only 3.67e-3 vs 3.67e-3, kv-int4 static K only 6.41e-2 vs 6.41e-2."""
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "kv-int4-v8", "qk-int8-pv-fp8"])
+def test_static_scales_within_1_2x_of_dynamic_on_unseen_tokens(llama, preset):
+    """Measured (relative L1 of attention outputs vs float64, mse static vs dynamic): kv-int8 3.669e-3 vs 3.665e-3
+    (1.00x), kv-int4 6.415e-2 vs 6.412e-2 (1.00x), kv-int4-v8 4.12e-3 vs 4.01e-3 (1.03x), qk-int8-pv-fp8 2.55e-2 vs
+    2.46e-2 (1.04x). The kv presets' V (per token) stays dynamic; with a static per-head V scale they measured
+    1.90x, 1.36x and 1.80x."""
     _, _, held_out, _ = llama
-    cfg = QuantConfig.preset("qk-int8-pv-fp8")
+    cfg = QuantConfig.preset(preset)
     cal = _cal(llama, cfg, "mse")
     dynamic, static = _attention_error(held_out, cfg), _attention_error(held_out, cfg, cal.layers)
     assert 0 < static <= 1.2 * dynamic, (static, dynamic)
-    for preset in ("kv-int8", "kv-int4"):
-        cfg = QuantConfig.preset(preset)
-        k_only = {name: {"k": ops["k"]} for name, ops in _cal(llama, cfg, "mse").layers.items()}
-        dynamic, static = _attention_error(held_out, cfg), _attention_error(held_out, cfg, k_only)
-        assert 0 < static <= 1.2 * dynamic, (preset, static, dynamic)
-
-
-def test_per_token_v_static_cost_is_bounded(llama):
-    """kv presets hold V per token; one static scale a head costs more (measured kv-int8 1.90x, kv-int4 1.36x)."""
-    _, _, held_out, _ = llama
-    for preset, bound in (("kv-int8", 2.1), ("kv-int4", 1.5)):
-        cfg = QuantConfig.preset(preset)
-        dynamic, static = (
-            _attention_error(held_out, cfg),
-            _attention_error(held_out, cfg, _cal(llama, cfg, "mse").layers),
-        )
-        assert dynamic < static <= bound * dynamic, (preset, static, dynamic)
 
 
 def test_int4_percentile_and_mse_beat_absmax(llama):
-    """Measured kv-int4: absmax 0.127, percentile 0.111, mse 0.087 (relative L1 of attention outputs)."""
+    """kv-int4's static K on unseen tokens, relative squared quantisation error: measured absmax 1.77e-2,
+    percentile 1.64e-2 (0.93x), mse 1.31e-2 (0.74x). (In the attention outputs the three agree within 0.1%:
+    V's dynamic INT4 error dominates.)"""
     _, _, held_out, _ = llama
     cfg = QuantConfig.preset("kv-int4")
-    absmax, percentile, mse = (
-        _attention_error(held_out, cfg, _cal(llama, cfg, m).layers) for m in ("absmax", "percentile", "mse")
-    )
-    assert percentile < 0.95 * absmax and mse < 0.8 * absmax, (absmax, percentile, mse)
+    errors = []
+    for method in ("absmax", "percentile", "mse"):
+        layers = _cal(llama, cfg, method).layers
+        err = total = 0.0
+        for name, _, k, _ in held_out:
+            err += (quantize(k, cfg.k, static=layers[name]["k"]).dequantize(torch.float32) - k).square().sum().item()
+            total += k.square().sum().item()
+        errors.append(err / total)
+    absmax, percentile, mse = errors
+    assert percentile < 0.96 * absmax and mse < 0.8 * absmax, errors
 
 
 def _logits_with_cache(model, ids, cfg, static):
@@ -161,9 +156,9 @@ def test_single_file_checkpoint_restores_weights_and_scales(llama, tmp_path):
     assert sorted(by_index) == [0, 1]
     for i, name in enumerate(LAYERS):
         attached = fresh.get_submodule(name).quantattn_static_scales
-        for op in ("k", "v"):
-            assert attached[op].scale.numpy().tobytes() == cal.layers[name][op].scale.numpy().tobytes()
-            assert by_index[i][op] is attached[op]
+        assert set(attached) == {"k"}  # V per token: dynamic in the attention function and the cache
+        assert attached["k"].scale.numpy().tobytes() == cal.layers[name]["k"].scale.numpy().tobytes()
+        assert by_index[i]["k"] is attached["k"]
     static = {i: cal.layers[name] for i, name in enumerate(LAYERS)}
     configure(model, cal.config)
     try:

@@ -93,7 +93,7 @@ def test_absmax_equals_dynamic_when_one_group_covers_all_data(name):
     assert (codes != dyn.codes().to(torch.float32)).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("mode", ["channel", "row", "block", "tensor"])
+@pytest.mark.parametrize("mode", ["channel", "block", "tensor"])
 def test_percentile_clips_at_the_group_percentile(mode):
     spec = OperandQuant("int4", mode=mode, block_size=16, subtract_mean=mode in ("channel", "block"))
     x = _data(8)
@@ -105,7 +105,6 @@ def test_percentile_clips_at_the_group_percentile(mode):
     mag = centered.abs()
     groups = {
         "channel": mag.transpose(1, 2),
-        "row": mag.reshape(3, 1, -1),
         "block": mag.reshape(3, 1, -1),
         "tensor": mag.reshape(1, 1, -1),
     }[mode]
@@ -117,12 +116,12 @@ def test_percentile_clips_at_the_group_percentile(mode):
     "spec",
     [
         OperandQuant("int4", mode="channel", block_size=32, subtract_mean=True),
-        OperandQuant("int4", mode="row"),
+        OperandQuant("int4", mode="block", block_size=16),
         OperandQuant("int4", strategy="asymmetric", mode="block", block_size=32),
         OperandQuant("int8", mode="block", block_size=64),
         OperandQuant("fp8_e4m3", mode="channel", block_size=0),
     ],
-    ids=["int4-channel-mean", "int4-row", "int4-asym-block", "int8-block", "fp8-channel"],
+    ids=["int4-channel-mean", "int4-block", "int4-asym-block", "int8-block", "fp8-channel"],
 )
 def test_mse_is_the_best_candidate_of_its_grid(spec):
     """Per group, the mse scale's error (measured with quant.quantize) is the least over the grid."""
@@ -158,12 +157,21 @@ def test_compute_calibration_covers_each_quantised_operand():
     st = CalibrationStats()
     st.record("a", _data(0, h=4), _data(1, h=2), _data(2, h=2))
     cal = compute_calibration(st, QuantConfig.preset("kv-int8"), "absmax", {"class": "X", "models": {}})
-    assert set(cal.layers["a"]) == {"k", "v"}
+    assert set(cal.layers["a"]) == {"k"}  # V is per token (row): it stays dynamic
     assert cal.layers["a"]["k"].scale.shape == (1, 2, 1, 8)
     assert cal.layers["a"]["k"].mean.shape == (1, 2, 1, 8)
-    assert cal.layers["a"]["v"].scale.shape == (1, 2, 1, 1)
     assert cal.fingerprint["layers"] == {"a": {"q": [4, 8], "k": [2, 8], "v": [2, 8]}}
     cal = compute_calibration(st, QuantConfig.preset("qk-int8-pv-fp8"), "absmax")
     assert cal.layers["a"]["q"].scale.shape == (1, 4, 1, 1)
+    assert {op: cal.layers["a"][op].scale.shape for op in "qkv"} == {
+        "q": (1, 4, 1, 1),
+        "k": (1, 2, 1, 1),
+        "v": (1, 2, 1, 8),
+    }
     with pytest.raises(ValueError, match="nothing to calibrate"):
         compute_calibration(CalibrationStats(), QuantConfig.preset("kv-int8"))
+    per_token = QuantConfig.preset("kv-int8").replace(k=OperandQuant("int8", mode="row"))
+    with pytest.raises(ValueError, match="per-token, mode 'row', operands stay dynamic.; nothing to calibrate"):
+        compute_calibration(st, per_token)
+    with pytest.raises(ValueError, match="per-token .mode 'row'. operand takes dynamic scales"):
+        operand_static(st.layers["a"]["v"], OperandQuant("int8", mode="row"), "absmax")

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from quantattn_hf import OperandQuant, QuantConfig
 from quantattn_hf.calibration import (
+    CALIBRATION_SCHEMA_VERSION,
+    Calibration,
     CalibrationError,
     CalibrationStats,
     compute_calibration,
@@ -22,7 +24,7 @@ from quantattn_hf.calibration import (
 from quantattn_hf.calibration.header import parse_header, read_metadata, update_metadata
 from quantattn_hf.calibration.schema import KEY_FORMAT, KEY_PAYLOAD, KEY_SHA256, KEY_VERSION
 
-ASYM = QuantConfig.preset("kv-int8").replace(v=OperandQuant("int4", strategy="asymmetric", mode="row"))
+ASYM = QuantConfig.preset("kv-int8").replace(v=OperandQuant("int4", strategy="asymmetric", mode="block", block_size=16))
 
 
 def _calibration(config: QuantConfig = ASYM):
@@ -112,8 +114,9 @@ def test_missing_operand_and_array_field():
 
 
 def test_newer_versions_and_wrong_format():
-    with pytest.raises(CalibrationError, match="schema_version: 2 is newer .* upgrade quantattn-hf"):
-        parse_metadata({**META, KEY_VERSION: "2"})
+    assert META[KEY_VERSION] == str(CALIBRATION_SCHEMA_VERSION) == "2"
+    with pytest.raises(CalibrationError, match="schema_version: 3 is newer than this quantattn-hf reads .2.; upgrade"):
+        parse_metadata({**META, KEY_VERSION: "3"})
     payload = json.loads(META[KEY_PAYLOAD])
     payload["strategy_version"] = 9
     with pytest.raises(CalibrationError, match="strategy_version: 9 is newer"):
@@ -122,6 +125,45 @@ def test_newer_versions_and_wrong_format():
         parse_metadata({**META, KEY_FORMAT: "other"})
     with pytest.raises(CalibrationError, match="not a quantattn calibration"):
         parse_metadata({"format": "pt"})
+
+
+def _row_v(payload: dict) -> dict:
+    """The payload with V configured per token (`row`: same stored shapes as `block`), as schema 1 wrote it."""
+    payload["config"]["v"]["mode"] = "row"
+    return payload
+
+
+def test_schema_1_file_loads_with_per_token_scales_dropped():
+    """Schema 1 stored a per-head scale for per-token (row) operands: still read, validated, and that entry dropped."""
+    meta = {**_with_payload(_row_v(json.loads(META[KEY_PAYLOAD]))), KEY_VERSION: "1"}
+    cal = parse_metadata(meta)
+    assert cal.config.v.mode == "row"
+    for name, ops in cal.layers.items():
+        assert set(ops) == {"k"}
+        for field in ("scale", "mean"):
+            assert _bytes(getattr(ops["k"], field)) == _bytes(getattr(CAL.layers[name]["k"], field))
+    again = cal.to_metadata()
+    assert again[KEY_VERSION] == "2" and "zero_point" not in again[KEY_PAYLOAD]
+    assert parse_metadata(again).to_metadata() == again
+    broken = json.loads(meta[KEY_PAYLOAD])
+    broken["layers"]["blocks.0.attn"]["v"]["scale"]["data"] = "@@@@"
+    with pytest.raises(CalibrationError, match=r"layers\['blocks.0.attn'\].v.scale.data: not valid base64"):
+        parse_metadata({**_with_payload(broken), KEY_VERSION: "1"})
+    del broken["layers"]["blocks.0.attn"]["v"]
+    with pytest.raises(CalibrationError, match="missing key 'v' .the config quantises it"):
+        parse_metadata({**_with_payload(broken), KEY_VERSION: "1"})
+
+
+def test_schema_2_refuses_per_token_scales():
+    with pytest.raises(CalibrationError, match=r"\['v'\] are quantised per token .mode 'row'.: they take dynamic"):
+        parse_metadata(_with_payload(_row_v(json.loads(META[KEY_PAYLOAD]))))
+    payload = _row_v(json.loads(META[KEY_PAYLOAD]))
+    payload["layers"]["blocks.0.attn"]["q"] = payload["layers"]["blocks.0.attn"]["v"]
+    with pytest.raises(CalibrationError, match=r"operand\(s\) \['q'\] are not quantised by the config"):
+        parse_metadata(_with_payload(payload))
+    config = CAL.config.replace(v=OperandQuant("int8", mode="row"))
+    with pytest.raises(CalibrationError, match=r"\['v'\] take no static scales"):
+        Calibration(config=config, fingerprint=CAL.fingerprint, layers=CAL.layers)
 
 
 def test_corrupted_payload_is_caught_by_its_checksum():
@@ -212,6 +254,17 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 def test_fuzz_payload_subtree_replaced(path, value):
     try:
         parse_metadata(_with_payload(_replace(PAYLOAD, path, value)))
+    except CalibrationError:
+        pass
+
+
+@FUZZ
+@given(st.sampled_from(PATHS), JSON)
+def test_fuzz_schema_1_payload_subtree_replaced(path, value):
+    """The schema-1 path (per-token V entries validated, then dropped) raises nothing but CalibrationError."""
+    payload = _replace(_row_v(json.loads(META[KEY_PAYLOAD])), path, value)
+    try:
+        parse_metadata({**_with_payload(payload), KEY_VERSION: "1"})
     except CalibrationError:
         pass
 

@@ -14,7 +14,7 @@ from ..config import PRESETS, QuantConfig
 from .checkpoint import save_calibrated, save_calibration
 from .methods import METHODS, Method
 from .runner import calibrate
-from .schema import CalibrationError
+from .schema import CalibrationError, static_operands
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -124,5 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"quantattn-calibrate: {exc}", file=sys.stderr)
         return 1
     layers = len(calibration.layers)
+    static = static_operands(config)
+    dynamic = [op.upper() for op in "qkv" if getattr(config, op).quantized and op not in static]
+    note = f"; {', '.join(dynamic)} per token, dynamic at use" if dynamic else ""
     print(f"wrote {args.out}: {layers} attention layer(s), config {config.name or 'custom'}, method {method.name}")
+    print(f"static scales for {', '.join(op.upper() for op in static)}{note}")
     return 0

@@ -168,6 +168,17 @@ def _ratios(method: Method) -> list[float]:
     return [1.0 - i * step for i in range(method.grid)]
 
 
+def calibrated_operands(config: QuantConfig) -> tuple[str, ...]:
+    """The operands a calibration for `config` holds static scales for; raises if there are none."""
+    operands = static_operands(config)
+    if not operands:
+        raise ValueError(
+            "calibration: the config quantises no operand in groups spanning tokens "
+            "(per-token, mode 'row', operands stay dynamic); nothing to calibrate"
+        )
+    return operands
+
+
 def compute_calibration(
     stats: CalibrationStats,
     config: QuantConfig | str,
@@ -184,12 +195,7 @@ def compute_calibration(
     config = resolve_config(config)
     if not stats.layers:
         raise ValueError("compute_calibration: no attention call was recorded; nothing to calibrate")
-    operands = static_operands(config)
-    if not operands:
-        raise ValueError(
-            "compute_calibration: the config quantises no operand in groups spanning tokens "
-            "(per-token, mode 'row', operands stay dynamic); nothing to calibrate"
-        )
+    operands = calibrated_operands(config)
     version = config.strategy_version
     layers = {
         name: {op: operand_static(ops[op], getattr(config, op), method, version, device) for op in operands}

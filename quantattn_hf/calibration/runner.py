@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig, resolve_config
 from .fingerprint import model_fingerprint
-from .methods import Method, compute_calibration
+from .methods import Method, calibrated_operands, compute_calibration
 from .observe import is_pipeline, models_of, observe
 from .schema import Calibration
 from .stats import DEFAULT_MAX_SAMPLES, CalibrationStats
@@ -61,6 +61,7 @@ def calibrate(
 
     `device` runs the percentile / mse work (default: where the target's first model is).
     """
+    calibrated_operands(resolve_config(config))
     stats = collect(target, inputs, run, max_samples=max_samples, seed=seed, progress=progress)
     if device is None:
         device = next((p.device for _, m in models_of(target) for p in m.parameters()), None)

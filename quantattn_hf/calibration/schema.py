@@ -209,7 +209,8 @@ def _parse_layer(
     wanted = quantized if schema == 1 else list(static_operands(config))
     unknown = set(ops) - set(wanted)
     if unknown - set(quantized):
-        raise CalibrationError(f"{where}: operand(s) {sorted(unknown)} are not quantised by the config")
+        extra = sorted(unknown - set(quantized))
+        raise CalibrationError(f"{where}: operand(s) {extra} are not quantised by the config")
     if unknown:
         raise CalibrationError(
             f"{where}: operand(s) {sorted(unknown)} are quantised per token (mode 'row'): they take dynamic "
