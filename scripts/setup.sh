@@ -16,5 +16,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[all]"
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[all]"
 echo "setup done: $(.venv/bin/python -c 'import torch, quantattn_hf; print("torch", torch.__version__, "quantattn-hf", quantattn_hf.__version__)')"

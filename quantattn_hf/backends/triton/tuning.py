@@ -61,17 +61,19 @@ def prune_attention_configs() -> dict:
 
 
 def decode_configs() -> list[triton.Config]:
-    """Split-KV decode candidates: keys per iteration and warps."""
+    """Split-KV decode candidates: keys per iteration (32 keeps an int4 tile inside one 32-token group), warps."""
     if interpreting():
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     if not autotuning():
         return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3)]
     return [
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=5),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
     ]
 
