@@ -23,6 +23,8 @@ if not torch.cuda.is_available():
     # @triton.jit decorates (transformers imports triton, so this comes first).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from quantattn_hf.calibration import CalibrationStats  # noqa: E402  (after TRITON_INTERPRET is chosen)
+
 
 def sdpa64(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
     """float64 attention (torch's math) with bottom-right aligned causal masking; BHSD."""
@@ -67,3 +69,14 @@ def outlier_keys(k: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+class Recorder(CalibrationStats):
+    """Calibration statistics that keep every call's operands, for measuring error on unseen calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def record(self, layer_name, q, k, v):
+        self.seen.append((layer_name, q.clone(), k.clone(), v.clone()))

@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import Recorder
 
 from quantattn_hf import OperandQuant, QuantConfig, quantized_attention
 from quantattn_hf.calibration import (
     CalibrationError,
-    CalibrationStats,
     calibrate,
     collect,
     compute_calibration,
@@ -32,17 +32,6 @@ TEST = ["a dog in the snow", "an old castle", "city skyline at night"]
 def _run(pipe, prompt: str, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return pipe(prompt, height=32, width=32, num_inference_steps=2, output_type="latent", generator=g).images
-
-
-class Recorder(CalibrationStats):
-    """Keeps every call's operands (for measuring quantisation error on them) instead of statistics."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def record(self, layer_name, q, k, v):
-        self.seen.append((layer_name, q.clone(), k.clone(), v.clone()))
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import Recorder
 
 from quantattn_hf import QuantConfig, quantized_attention
 from quantattn_hf.calibration import (
     CalibrationError,
-    CalibrationStats,
     collect,
     compute_calibration,
     load_calibrated,
@@ -42,17 +42,6 @@ def _llama(seed: int = 0, layers: int = 2):
 
 def _forward(model, ids):
     return model(ids, use_cache=False)
-
-
-class Recorder(CalibrationStats):
-    """Keeps every call's operands (for measuring attention error on them) instead of statistics."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def record(self, layer_name, q, k, v):
-        self.seen.append((layer_name, q.clone(), k.clone(), v.clone()))
 
 
 @pytest.fixture(scope="module")
