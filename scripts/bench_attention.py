@@ -288,11 +288,23 @@ def profile_once(presets: list[str]) -> None:
     torch.cuda.synchronize()
 
 
+def profile_decode(presets: list[str]) -> None:
+    """One Triton decode per preset over a held cache (B=8, L=8192, GQA 32/8), for `ncu -k regex:_decode`."""
+    q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(8, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for preset in presets:
+        cfg = QuantConfig.preset(preset)
+        kq, vq = TRITON.quantize(k, cfg.k), TRITON.quantize(v, cfg.v)
+        quantized_attention(q, kq, vq, config=cfg, enable_gqa=True, backend="triton")
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a --json file (no GPU needed)")
     parser.add_argument("--profile", nargs="+", metavar="PRESET", help="only run each preset once at the Flux shape")
+    parser.add_argument("--profile-decode", nargs="+", metavar="PRESET", help="only one decode per preset (B8 L8192)")
     parser.add_argument("--sweep", action="store_true", help="also B=1 H=24 D=128 over N (for the plot)")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
@@ -302,6 +314,9 @@ def main() -> None:
         return
     if args.profile:
         profile_once(args.profile)
+        return
+    if args.profile_decode:
+        profile_decode(args.profile_decode)
         return
     props = torch.cuda.get_device_properties(0)
     header = dict(

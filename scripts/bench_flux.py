@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (each variant)")
     parser.add_argument("--no-errors", action="store_true", help="skip the per-layer attention error")
     parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument(
+        "--profile", action="store_true", help="also a torch.profiler breakdown of one step per variant (GPU time)"
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -194,6 +197,45 @@ def measure_step(model, inputs: dict, args: argparse.Namespace, device: torch.de
     return result
 
 
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "_attn_fwd", "attention")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
+    ("quantiser", ("_quant_kernel", "_q_dot_mean")),
+    ("norm+rope (fused)", ("_rms_norm_rope",)),
+    ("copy/cat", ("cat", "copy", "fill")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """Category of a CUDA kernel by its name (first match in KERNEL_KINDS, else 'other')."""
+    lower = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in lower for n in needles):
+            return kind
+    return "other"
+
+
+def profile_step(model, inputs: dict) -> dict[str, float]:
+    """GPU milliseconds of one transformer forward by kernel category (torch.profiler), plus the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**inputs)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1000.0
+        if ms <= 0:
+            continue
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+        kernels[event.key] = ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": top}
+
+
 def attention_op_ms(config: dict, inputs: dict, preset: str | None, args, device) -> float:
     """Median ms of one attention call at the model's shape (joint text + image tokens)."""
     heads, dim = config["num_attention_heads"], config["attention_head_dim"]
@@ -292,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(measure_step(model, inputs, args, device))
                 op_preset = None if variant == "sdpa" else variant
                 row["attn_op_ms"] = attention_op_ms(config, inputs, op_preset, args, device)
+                if args.profile and device.type == "cuda":
+                    row["profile"] = profile_step(model, inputs)
             except Exception as exc:  # a failing variant is reported in the table, the others still run
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
@@ -344,6 +388,17 @@ def main(argv: list[str] | None = None) -> dict:
         "count; rel L1: per-layer attention output vs float32 SDPA on the layer's captured Q/K/V (sdpa row: SDPA "
         "in the run's dtype)."
     )
+    profiled = {variant: row["profile"] for variant, row in rows.items() if "profile" in row}
+    if profiled:
+        kinds = sorted({kind for p in profiled.values() for kind in p["kinds"]})
+        print("\nGPU ms of one step by kernel kind (torch.profiler)")
+        print(f"{'kind':<20}" + "".join(f"{v:>16}" for v in profiled))
+        for kind in kinds:
+            print(f"{kind:<20}" + "".join(f"{p['kinds'].get(kind, 0.0):>16.2f}" for p in profiled.values()))
+        for variant, p in profiled.items():
+            print(f"\ntop kernels, {variant}:")
+            for name, ms in p["top"]:
+                print(f"  {ms:9.2f} ms  {name[:110]}")
     target = rows.get("qk-int8-pv-fp8", {})
     if base and target.get("ms_median"):
         peak_ratio = target["peak_mib"] / base_peak if target.get("peak_mib") and base_peak else float("nan")

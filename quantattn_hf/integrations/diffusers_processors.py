@@ -19,6 +19,7 @@ import torch
 from diffusers.models import attention_dispatch as diffusers_attention_dispatch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from ..attention import quantized_attention
@@ -90,9 +91,18 @@ class QuantAttnProcessorBase:
 
 
 class FluxQuantAttnProcessor(QuantAttnProcessorBase):
-    """Flux joint attention (double and single blocks, RoPE, Q/K RMS norms), as `FluxAttnProcessor`."""
+    """Flux joint attention (double and single blocks, RoPE, Q/K RMS norms), as `FluxAttnProcessor`.
+
+    On CUDA the Q/K norms and the rotary embedding run as one fused Triton kernel per operand, written
+    straight into the joint text+image buffer (`fuse_prologue`: None = on CUDA outside torch.compile,
+    True/False to force); elsewhere, and for norms or embeddings it does not cover, diffusers' own modules.
+    """
 
     mirrors = FluxAttnProcessor
+
+    def __init__(self, config: QuantConfig | str | None = None, *, fuse_prologue: bool | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        self.fuse_prologue = fuse_prologue
 
     def __call__(
         self,
@@ -108,18 +118,24 @@ class FluxQuantAttnProcessor(QuantAttnProcessorBase):
         query = query.unflatten(-1, (-1, attn.head_dim))
         key = key.unflatten(-1, (-1, attn.head_dim))
         value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        joint = attn.added_kv_proj_dim is not None
+        if joint:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        if self._fuses(attn, query, joint, image_rotary_emb):
+            parts = [(encoder_query, encoder_key, attn.norm_added_q, attn.norm_added_k)] if joint else []
+            parts.append((query, key, attn.norm_q, attn.norm_k))
+            query, key = fused_norm_rope(parts, image_rotary_emb)
+        else:
+            query = attn.norm_q(query)
+            key = attn.norm_k(key)
+            if joint:
+                query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
+                key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         hidden_states = self.attend(query, key, value, dispatch_mask(attention_mask, query, key), layout="BSHD")
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
@@ -132,6 +148,59 @@ class FluxQuantAttnProcessor(QuantAttnProcessorBase):
         hidden_states = attn.to_out[1](hidden_states)
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+    def _fuses(self, attn: torch.nn.Module, query: torch.Tensor, joint: bool, rotary: Any) -> bool:
+        """Whether this call's norms and RoPE go through the fused kernel (see the class docstring)."""
+        wanted = self.fuse_prologue
+        if wanted is None:
+            wanted = query.is_cuda and not torch.compiler.is_compiling()
+        if not wanted:
+            return False
+        norms = [attn.norm_q, attn.norm_k] + ([attn.norm_added_q, attn.norm_added_k] if joint else [])
+        return (
+            all(fusable_norm(norm, query) for norm in norms)
+            and isinstance(rotary, tuple)
+            and len(rotary) == 2
+            and query.shape[-1] % 2 == 0
+        )
+
+
+def fusable_norm(norm: Any, x: torch.Tensor) -> bool:
+    """diffusers' `RMSNorm` or `torch.nn.RMSNorm` over the head dim, weight (if any) in x's dtype, no bias."""
+    weight = getattr(norm, "weight", None)
+    if isinstance(norm, torch.nn.RMSNorm):
+        shape_ok = tuple(norm.normalized_shape) == (x.shape[-1],)
+    else:
+        shape_ok = isinstance(norm, RMSNorm) and getattr(norm, "bias", None) is None
+    return shape_ok and (weight is None or (weight.dtype == x.dtype and weight.shape == (x.shape[-1],)))
+
+
+def norm_eps(norm: Any, dtype: torch.dtype) -> float:
+    """The epsilon the norm adds (torch.nn.RMSNorm's None means the dtype's machine epsilon)."""
+    return torch.finfo(dtype).eps if norm.eps is None else float(norm.eps)
+
+
+def fused_norm_rope(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.nn.Module, torch.nn.Module]], rotary: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint (query, key) [B, S, H, D]: each part's Q/K through its own RMSNorms, rotated, in sequence order."""
+    from ..backends.triton.norm_rope import rms_norm_rope
+
+    first = parts[0][0]
+    total = sum(part[0].shape[1] for part in parts)
+    shape = (first.shape[0], total, *first.shape[2:])
+    query = torch.empty(shape, dtype=first.dtype, device=first.device)
+    key = torch.empty(shape, dtype=first.dtype, device=first.device)
+    cos, sin = (t.to(first.device) for t in rotary)
+    start = 0
+    for q, k, norm_q, norm_k in parts:
+        end = start + q.shape[1]
+        for x, norm, out in ((q, norm_q, query), (k, norm_k, key)):
+            eps, diffusers_norm = norm_eps(norm, x.dtype), not isinstance(norm, torch.nn.RMSNorm)
+            rope = cos[start:end], sin[start:end]
+            rms_norm_rope(x, norm.weight, eps, *rope, out=out[:, start:end], round_normed=diffusers_norm)
+        start = end
+    return query, key
 
 
 class JointQuantAttnProcessor(QuantAttnProcessorBase):
