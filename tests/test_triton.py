@@ -4,6 +4,7 @@ Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, se
 modules are imported) at small sizes; tests marked `gpu` run full sizes on a CUDA device.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -279,6 +280,52 @@ def test_decode_int4_with_zero_points(head_dim, monkeypatch):
     # measured in the interpreter: 1.9e-4 (D=64 and D=40), lse 1.3e-4
     assert _rel_l1(out, ref) < REL_L1_16BIT
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL)
+
+
+@pytest.mark.parametrize("phases,by_bits", [(0, False), (4, True), (8, True)])
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "kv-int4-v8"])
+@pytest.mark.parametrize("head_dim,sq,length,dtype", [(64, 1, 70, torch.bfloat16), (128, 5, 45, torch.float16)])
+def test_decode_code_paths(preset, phases, by_bits, head_dim, sq, length, dtype, monkeypatch):
+    """Each decode code path (int4 as bytes or as 16/32-bit words of nibble phases, int8 converted or read by its
+    bits) against the reference over every element: GQA 4:1 packed, 3 splits, a cache of no whole tile, a causal
+    query of several tokens or one, and a boolean mask that hides some keys of one batch element."""
+    monkeypatch.setattr(triton_launch, "decode_splits", lambda programs, kv_len: 3)
+    monkeypatch.setattr(triton_launch, "DECODE_INT4_PHASES", phases)
+    monkeypatch.setattr(triton_launch, "DECODE_CODES_BY_BITS", by_bits)
+    taken = []
+    count = triton_decode.phase_count
+    monkeypatch.setattr(triton_decode, "phase_count", lambda *a: taken.append(count(*a)) or taken[-1])
+    q, k, v = _inputs(2, 8, 2, sq, length, head_dim, dtype, seed=3)
+    keep = torch.rand(2, 1, sq, length, generator=torch.Generator().manual_seed(4)).to(DEVICE) > 0.2
+    keep[0] = True
+    out, lse, ref, ref_lse = _both(q, k, v, config=preset, attn_mask=keep)
+    # which path ran: words only where the phase count leaves at least 16 channels a phase
+    int4 = [preset != "kv-int8", preset == "kv-int4"]
+    assert taken[-2:] == [phases if use and head_dim // max(phases, 1) >= 16 else 0 for use in int4]
+    # measured in the interpreter: <= 6e-4 (bf16 outputs) on every path, lse <= 1e-3
+    assert _rel_l1(out, ref) < REL_L1_16BIT
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16 if dtype == torch.bfloat16 else LSE_ATOL)
+
+
+def test_decode_words_of_an_unaligned_cache(monkeypatch):
+    """An int4 cache whose packed rows do not start on a word (a view one byte in) takes the byte path, same numbers."""
+    monkeypatch.setattr(triton_launch, "decode_splits", lambda programs, kv_len: 2)
+    cfg = QuantConfig.preset("kv-int4")
+    q, k, v = _inputs(1, 4, 1, 1, 64, 64, torch.bfloat16, seed=5)
+    kq, vq = BACKEND.quantize(k, cfg.k), BACKEND.quantize(v, cfg.v)
+    shifted = torch.empty(kq.data.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view_as(kq.data)
+    shifted.copy_(kq.data)
+    kq = dataclasses.replace(kq, data=shifted)
+    taken = []
+    count = triton_decode.phase_count
+    monkeypatch.setattr(triton_decode, "phase_count", lambda *a: taken.append(count(*a)) or taken[-1])
+    kw = dict(config=cfg, return_lse=True, enable_gqa=True)
+    out, lse = quantized_attention(q, kq, vq, backend="triton", **kw)
+    ref, ref_lse = quantized_attention(q, kq, vq, backend="reference", **kw)
+    assert taken[-2:] == [0, triton_launch.DECODE_INT4_PHASES]
+    assert not out.isnan().any()
+    assert _rel_l1(out, ref) < REL_L1_16BIT
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16)
 
 
 def test_float32_inputs_computed_in_fp16():

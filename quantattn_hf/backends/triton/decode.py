@@ -13,6 +13,30 @@ import triton.language as tl
 from .tiles import cast, dot_operand, load_codes, load_dequant, load_dequant_groups, tile_groups, to_fp8
 from .tuning import decode_configs
 
+# An int4 code c read by nibble_phase is x = c / CODE_UNIT + CODE_OFFSET, exact in fp16 and bf16.
+CODE_UNIT = tl.constexpr(16.0)
+CODE_OFFSET = tl.constexpr(1.5)
+
+
+def phase_count(a: dict, op: str, dim: int, dim_pad: int) -> int:
+    """Nibble phases of an int4 K or V read as words (0: the byte path of load_codes), a host heuristic.
+
+    Taken for symmetric int4 with folded statistics (K: channel/block scales, V: row scales, no zero point), a
+    power-of-two head dim, packed bytes contiguous along D and word-aligned, and at least 16 channels a phase.
+    """
+    phases = a["PHASES"]
+    folded = a["K_MODE"] in (3, 4) and a["Q_PREC"] not in (2, 3) if op == "K" else a["V_MODE"] == 2
+    if not phases or a[f"{op}_PREC"] != 2 or a[f"{op}_HAS_ZERO"] or not folded or dim != dim_pad:
+        return 0
+    if op == "V" and a["V_HAS_MEAN"]:
+        return 0
+    word = phases // 2
+    p = op.lower()
+    strides = (a[f"s{p}_b"], a[f"s{p}_h"], a[f"s{p}_s"])
+    if a[f"s{p}_d"] != 1 or any(st % word for st in strides) or a[op].data_ptr() % word or dim_pad // phases < 16:
+        return 0
+    return phases
+
 
 @triton.autotune(
     configs=decode_configs(),
@@ -34,6 +58,8 @@ from .tuning import decode_configs
             and not a["V_HAS_MEAN"]
             and a["P_ROUND"] != 3
         ),
+        "K_PHASES": lambda a: phase_count(a, "K", a["D"], a["D_PAD"]) if a["K_T"] % a["BLOCK_N"] == 0 else 0,
+        "V_PHASES": lambda a: phase_count(a, "V", a["DV"], a["DV_PAD"]) if a["P_ROUND"] != 3 else 0,
     }
 )
 @triton.jit
@@ -53,6 +79,7 @@ def _decode_split(
     R_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     K_ALIGNED: tl.constexpr, V_ALIGNED: tl.constexpr, K_GROUPS: tl.constexpr, V_GROUPS: tl.constexpr,
     K_FOLD: tl.constexpr, V_FOLD: tl.constexpr, TRANSPOSED_QK: tl.constexpr,
+    PHASES: tl.constexpr, CODES_BY_BITS: tl.constexpr, K_PHASES: tl.constexpr, V_PHASES: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -74,6 +101,18 @@ def _decode_split(
     q_f = q
     q = dot_operand(q, QK_DTYPE, INTERPRET)
     q_t = tl.trans(q)
+    if K_PHASES > 0:
+        # Q's channels split by nibble phase (Q_j = Q[:, j::PHASES]), for the word-loaded int4 K codes' phases.
+        q_ph = ()
+        offs_wk = tl.arange(0, D_PAD // K_PHASES)
+        for j in tl.static_range(K_PHASES):
+            q_ph = q_ph + (
+                load_dequant(
+                    Q, Qs, Qz, Qm, (b * sq_b + h * sq_h)[:, None], (b * sqs_b + h * sqs_h)[:, None],
+                    (b * sqm_b + h * sqm_h)[:, None], qi, 0, offs_wk * K_PHASES + j, r_valid, offs_wk >= 0,
+                    sq_s, sq_d, sqs_g, sqs_d, sqm_g, sqm_d, Q_T, Q_PREC, Q_MODE, Q_HAS_ZERO, Q_HAS_MEAN, False,
+                ),
+            )  # fmt: skip
     k_base = b * sk_b + hk * sk_h
     ks_base = b * sks_b + hk * sks_h
     km_base = b * skm_b + hk * skm_h
@@ -87,15 +126,29 @@ def _decode_split(
     m_i = tl.full([R_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([R_PAD], tl.float32)
     acc = tl.zeros([R_PAD, DV_PAD], tl.float32)
+    if V_PHASES > 0:
+        # One accumulator per nibble phase of V's channels (acc_j = O[:, j::PHASES]), and the row sums of P that
+        # carry the codes' offset, removed once after the loop.
+        acc_ph = ()
+        for _j in tl.static_range(V_PHASES):
+            acc_ph = acc_ph + (tl.zeros([R_PAD, DV_PAD // V_PHASES], tl.float32),)
+        p_off = tl.zeros([R_PAD], tl.float32)
     mask_row = Mask + b * smk_b + h[:, None] * smk_h + qi.to(tl.int64)[:, None] * smk_q
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < hi
-        if K_FOLD:
+        if K_PHASES > 0:
+            g = (start_n // K_T).to(tl.int64)
+            s, bias = phased_k_scores(
+                K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, n_valid, sk_s, sks_d, skm_d,
+                q_ph, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, D_PAD, K_PHASES, TRANSPOSED_QK,
+            )  # fmt: skip
+            s = (s + bias[:, None]) * qk_scale
+        elif K_FOLD:
             g = (start_n // K_T).to(tl.int64)
             k_op, q_k, bias = fold_k_group(
                 K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, offs_d, n_valid, d_valid,
-                sk_s, sk_d, sks_d, skm_d, q_f, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET,
+                sk_s, sk_d, sks_d, skm_d, q_f, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, CODES_BY_BITS,
             )  # fmt: skip
             if TRANSPOSED_QK:
                 s = tl.trans(tl.dot(k_op, tl.trans(q_k)))
@@ -133,10 +186,27 @@ def _decode_split(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if V_FOLD:
+        if V_PHASES > 0:
+            v_scale = tl.load(Vs + vs_base + offs_n.to(tl.int64) * svs_g, mask=n_valid, other=0.0)
+            v_max = tl.max(v_scale, axis=0)
+            v_max = tl.where(v_max > 0.0, v_max, 1.0)
+            pr = dot_operand(p * (v_scale / v_max)[None, :], PV_DTYPE, INTERPRET)
+            words = load_words(V, v_base, offs_n, n_valid, sv_s, DV_PAD // V_PHASES, V_PHASES)
+            # codes = CODE_UNIT * (x - CODE_OFFSET) for the exact 16-bit x of nibble_phase: P'·codes is
+            # CODE_UNIT * (P'·x less CODE_OFFSET * rowsum(P')), the row sums kept in p_off (rescaled like acc).
+            w_unit = v_max * CODE_UNIT
+            p_off = p_off * alpha + tl.sum(pr.to(tl.float32), axis=1) * w_unit
+            new_acc = ()
+            for j in tl.static_range(V_PHASES):
+                v_j = nibble_phase(words, j, V_PHASES, PV_DTYPE, INTERPRET)
+                new_acc = new_acc + (acc_ph[j] * alpha[:, None] + tl.dot(pr, v_j) * w_unit,)
+            acc_ph = new_acc
+        elif V_FOLD:
+            acc = acc * alpha[:, None]
             v = dot_operand(
-                load_codes(V, v_base, offs_n, offs_dv, n_valid, dv_valid, sv_s, sv_d, V_PREC).to(tl.float32),
+                code_values(
+                    load_codes(V, v_base, offs_n, offs_dv, n_valid, dv_valid, sv_s, sv_d, V_PREC), V_PREC, CODES_BY_BITS
+                ),
                 PV_DTYPE,
                 INTERPRET,
             )
@@ -148,6 +218,7 @@ def _decode_split(
             pr = dot_operand(p * (v_scale / v_max)[None, :], PV_DTYPE, INTERPRET)
             acc = acc + tl.dot(pr, v) * v_max
         else:
+            acc = acc * alpha[:, None]
             if V_GROUPS > 1:
                 v = load_dequant_groups(
                     V, Vs, Vz, Vm, v_base, vs_base, vm_base, offs_n, start_n, offs_dv, n_valid, dv_valid,
@@ -168,12 +239,19 @@ def _decode_split(
     if P_ROUND == 3:
         acc = acc * (1.0 / 448.0)
     empty = l_i == 0.0
-    out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
     lse2 = tl.where(empty, float("-inf"), m_fin + tl.log2(tl.where(empty, 1.0, l_i)))
     row_id = (b * HQ + h) * SQ + qi
     part = row_id * SPLITS + split
-    tl.store(Op + part[:, None] * DV_PAD + offs_dv[None, :], out, mask=r_valid[:, None])
+    if V_PHASES > 0:
+        offs_wv = tl.arange(0, DV_PAD // V_PHASES)
+        for j in tl.static_range(V_PHASES):
+            out_j = (acc_ph[j] - (p_off * CODE_OFFSET)[:, None]) * inv_l[:, None]
+            tl.store(Op + part[:, None] * DV_PAD + (offs_wv * V_PHASES + j)[None, :], out_j, mask=r_valid[:, None])
+    else:
+        out = acc * inv_l[:, None]
+        tl.store(Op + part[:, None] * DV_PAD + offs_dv[None, :], out, mask=r_valid[:, None])
     tl.store(Lp + part, lse2, mask=r_valid)
 
 
@@ -181,13 +259,14 @@ def _decode_split(
 def fold_k_group(
     K, Ks, Km, k_base, ks_off, km_off, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, sks_d, skm_d, q,
     PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    CODES_BY_BITS: tl.constexpr,
 ):  # fmt: skip
     """(K codes, Q times K's scales, Q·mean) of a key tile inside one statistic group, as dot operands.
 
     Q·K'ᵀ = (Q·diag(scale))·codesᵀ + Q·mean: the [R, D] query tile is scaled once per tile instead of the
     [BLOCK_N, D] key tile being dequantised, and the codes go to the dot with only a conversion (exact in 16 bits).
     """
-    codes = load_codes(K, k_base, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, PREC).to(tl.float32)
+    codes = code_values(load_codes(K, k_base, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, PREC), PREC, CODES_BY_BITS)
     if MODE == 3:
         scale = tl.load(Ks + ks_off + offs_d * sks_d, mask=d_valid, other=0.0)[None, :]
     else:
@@ -197,6 +276,98 @@ def fold_k_group(
         mean = tl.load(Km + km_off + offs_d * skm_d, mask=d_valid, other=0.0)
         bias = tl.sum(q * mean[None, :], axis=1)
     return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale, DTYPE, INTERPRET), bias
+
+
+@triton.jit
+def code_values(codes, PREC: tl.constexpr, BY_BITS: tl.constexpr):
+    """Codes as float32; int8 ones by their bits under a float's mantissa (2**23 + 128 + c, less 2**23 + 128)
+    instead of an int-to-float conversion, a quarter-rate instruction on sm80/sm90."""
+    if PREC == 1 and BY_BITS:
+        x = ((codes.to(tl.int32) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        x = codes.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_words(ptr, base, tok, n_valid, s_tok, W: tl.constexpr, PHASES: tl.constexpr):
+    """[N, W] words (int16 for 4 phases, int32 for 8) of a packed int4 tile, whole rows; 0 past the valid tokens."""
+    if PHASES == 4:
+        wptr = ptr.to(tl.pointer_type(tl.int16))
+    else:
+        wptr = ptr.to(tl.pointer_type(tl.int32))
+    wb: tl.constexpr = PHASES // 2
+    offs = base // wb + tok.to(tl.int64)[:, None] * (s_tok // wb) + tl.arange(0, W)[None, :]
+    return tl.load(wptr + offs, mask=n_valid[:, None], other=0)
+
+
+@triton.jit
+def nibble_phase(words, J: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Nibble J of each word (the signed int4 code c of channel PHASES * w + J) as x = 1 + (c ^ 8) / 16, exact in DTYPE.
+
+    The code's bits (sign bit flipped) go under the mantissa of 1.0 in one shift and one bitwise op, so there is no
+    int-to-float conversion; 16-bit words give DTYPE directly, 32-bit words go through float32.
+    """
+    if PHASES == 4:
+        low: tl.constexpr = 3 if DTYPE == tl.bfloat16 else 6
+        one: tl.constexpr = 0x3F80 if DTYPE == tl.bfloat16 else 0x3C00
+    else:
+        low: tl.constexpr = 19
+        one: tl.constexpr = 0x3F800000
+    shift: tl.constexpr = 4 * J - low
+    if shift >= 0:
+        t = words >> shift
+    else:
+        t = words << -shift
+    bits = (t & (0xF << low)) ^ (one | (8 << low))
+    if PHASES == 4:
+        x = bits.to(tl.int16).to(DTYPE, bitcast=True)
+    else:
+        x = bits.to(tl.float32, bitcast=True).to(DTYPE)
+    if INTERPRET:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def phased_k_scores(
+    K, Ks, Km, k_base, ks_off, km_off, offs_n, n_valid, sk_s, sks_d, skm_d, q_ph,
+    PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    D_PAD: tl.constexpr, PHASES: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """(S less its bias, bias [R]) of an int4 key tile inside one statistic group, the codes read as words.
+
+    S = sum_j (Q_j·diag(scale_j))·codes_jᵀ over the nibble phases j (one dot each, no interleave of the nibbles);
+    with codes = CODE_UNIT * (x - CODE_OFFSET), CODE_UNIT goes onto Q's scaled tile (a power of two, exact) and
+    the offset, times the rounded tile's row sums, into the bias with Q·mean.
+    """
+    w: tl.constexpr = D_PAD // PHASES
+    offs_w = tl.arange(0, w)
+    words = load_words(K, k_base, offs_n, n_valid, sk_s, w, PHASES)
+    rows: tl.constexpr = q_ph[0].shape[0]
+    if TRANSPOSED:
+        acc = tl.zeros([offs_n.shape[0], rows], tl.float32)
+    else:
+        acc = tl.zeros([rows, offs_n.shape[0]], tl.float32)
+    corr = tl.zeros([rows, w], tl.float32)
+    for j in tl.static_range(PHASES):
+        ch = offs_w * PHASES + j
+        if MODE == 3:
+            scale = tl.load(Ks + ks_off + ch * sks_d)[None, :]
+        else:
+            scale = tl.load(Ks + ks_off)
+        qk = dot_operand(q_ph[j] * (scale * CODE_UNIT), DTYPE, INTERPRET)
+        k_j = nibble_phase(words, j, PHASES, DTYPE, INTERPRET)
+        if TRANSPOSED:
+            acc = tl.dot(k_j, tl.trans(qk), acc)
+        else:
+            acc = tl.dot(qk, tl.trans(k_j), acc)
+        corr = corr - qk.to(tl.float32) * CODE_OFFSET
+        if HAS_MEAN:
+            corr = corr + q_ph[j] * tl.load(Km + km_off + ch * skm_d)[None, :]
+    if TRANSPOSED:
+        acc = tl.trans(acc)
+    return acc, tl.sum(corr, axis=1)
 
 
 @triton.jit

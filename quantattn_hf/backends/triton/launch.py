@@ -19,6 +19,11 @@ MAX_GRID_Y = 65535
 # Decode computes Sᵀ = K'·Qᵀ so the dequantised K tile is the register (A) operand of the MMA, not staged in
 # shared memory; False gives S = Q·K'ᵀ (kept switchable for the benchmark's comparison).
 DECODE_TRANSPOSED_QK = True
+# Decode reads symmetric int4 K/V codes as words of this many nibbles (4: int16, 8: int32), one dot per nibble
+# phase, with no int-to-float conversion; 0 gives the byte loads and nibble interleave of tiles.load_codes.
+DECODE_INT4_PHASES = 4
+# Decode turns int8 codes into floats by their bits under a float's mantissa (False: int-to-float conversions).
+DECODE_CODES_BY_BITS = True
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -114,7 +119,8 @@ def _run_decode(operands: tuple, mask_args: tuple, out: torch.Tensor, lse: torch
     _decode_split[(b * hkv, splits)](
         *operands, *mask_args, part_out, part_lse,
         sq, sk, hq, hkv, call.groups, call.head_dim, call.head_dim_v, call.scale, splits, bucket(sk),
-        R_PAD=r_pad, TRANSPOSED_QK=DECODE_TRANSPOSED_QK, **consts,
+        R_PAD=r_pad, TRANSPOSED_QK=DECODE_TRANSPOSED_QK, PHASES=DECODE_INT4_PHASES, CODES_BY_BITS=DECODE_CODES_BY_BITS,
+        **consts,
     )  # fmt: skip
     _decode_merge[(rows,)](
         part_out, part_lse, out, *out.stride(), lse, *lse.stride(), sq, hq, call.head_dim_v, splits, fill,
