@@ -40,7 +40,10 @@ def phase_count(a: dict, op: str, dim: int, dim_pad: int) -> int:
 
 @triton.autotune(
     configs=decode_configs(),
-    key=["TUNE_N", "R_PAD", "D_PAD", "DV_PAD", "SPLITS", "K_PREC", "K_MODE", "V_PREC", "V_MODE"],
+    key=[
+        *("TUNE_N", "R_PAD", "D_PAD", "DV_PAD", "SPLITS", "K_PREC", "K_MODE", "V_PREC", "V_MODE"),
+        *("PHASES", "CODES_BY_BITS"),
+    ],
 )
 @triton.heuristics(
     {
