@@ -49,15 +49,45 @@ def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
-def _group_view(x: torch.Tensor, spec: OperandQuant) -> tuple[torch.Tensor, int]:
+def _group_view(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
     """Pad S to whole blocks and view as [B, H, NB, T, D] (T tokens per block); returns pad count."""
     b, h, s, d = x.shape
-    t = effective_block(s, spec.block_size)
-    nb = num_blocks(s, spec.block_size)
+    t = effective_block(s, block_size)
+    nb = num_blocks(s, block_size)
     pad = nb * t - s
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
     return x.view(b, h, nb, t, d), pad
+
+
+def _block_mean(view: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per block and channel mean of the valid tokens of a [B, H, NB, T, D] view: [B, H, NB, 1, D]."""
+    count = valid.sum(dim=3, keepdim=True).clamp_min(1).to(torch.float32)
+    return torch.where(valid, view, 0.0).sum(dim=3, keepdim=True) / count
+
+
+def _valid_tokens(view: torch.Tensor, pad: int) -> torch.Tensor:
+    """[1, 1, NB, T, 1] mask of the real (not padding) tokens of a [B, H, NB, T, D] view."""
+    valid = torch.ones(view.shape[2] * view.shape[3], device=view.device, dtype=torch.bool)
+    if pad:
+        valid[-pad:] = False
+    return valid.view(1, 1, view.shape[2], view.shape[3], 1)
+
+
+def block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Per token block and channel mean of a [B, H, S, D] tensor over the block's own tokens: [B, H, NB, D] float32.
+
+    The means `subtract_mean` takes away, with dynamic and with static scales alike.
+    """
+    view, pad = _group_view(x.to(torch.float32), block_size)
+    return _block_mean(view, _valid_tokens(view, pad)).squeeze(3)
+
+
+def block_residual(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`x` less its own block's mean (float32, [B, H, S, D]): what a mean-subtracting spec scales and rounds."""
+    s = x.shape[2]
+    mean = block_mean(x, block_size).repeat_interleave(effective_block(s, block_size), dim=2)[:, :, :s]
+    return x.to(torch.float32) - mean
 
 
 def _reduce_dims(spec: OperandQuant) -> tuple[int, ...]:
@@ -142,11 +172,14 @@ def check_operand_shape(x: torch.Tensor, spec: OperandQuant, name: str = "x") ->
 
 @dataclass(frozen=True)
 class StaticQuant:
-    """Calibrated statistics of one operand: used instead of measuring them on every call.
+    """Calibrated statistics of one operand: used instead of measuring its range on every call.
 
-    `scale` (and `mean`, `zero_point` where the spec uses them) broadcast against one group of
-    every token block: [1 or B, H, 1, D] in `channel` mode, [1 or B, H, 1, 1] in `row`/`block`
-    mode, [1, 1, 1, 1] in `tensor` mode. Values beyond the calibrated range are clipped.
+    `scale` (and `zero_point` where the spec is asymmetric) broadcast against one group of every
+    token block: [1 or B, H, 1, D] in `channel` mode, [1 or B, H, 1, 1] in `row`/`block` mode,
+    [1, 1, 1, 1] in `tensor` mode. Values beyond the calibrated range are clipped. With
+    `subtract_mean`, each block's own mean is taken away as in dynamic quantisation (a sum, no max
+    reduction) and `scale` covers the residuals; a `mean` ([1 or B, H, 1, D], what schema-1/2
+    calibration files hold) is taken away instead of the block means.
     """
 
     scale: torch.Tensor
@@ -167,14 +200,18 @@ def _static_stat(stat: torch.Tensor | None, name: str, target: tuple[int, ...], 
 
 
 def _quantize_static(x: torch.Tensor, spec: OperandQuant, static: StaticQuant, version: int) -> QuantizedTensor:
-    """Quantise with calibrated scale (and mean / zero point): no reduction over the data."""
+    """Quantise with calibrated scale (and zero point): no max reduction; block means as `quantize` takes them."""
     d, s = x.shape[3], x.shape[2]
     target = group_shape(tuple(x.shape), spec)
     scale = _static_stat(static.scale, "scale", target, x)
-    mean = _static_stat(static.mean, "mean", target[:3] + (d,), x) if spec.subtract_mean else None
     zero = _static_stat(static.zero_point, "zero_point", target, x) if spec.strategy == "asymmetric" else None
     xf = x.to(torch.float32)
-    if mean is not None:
+    mean = None
+    if spec.subtract_mean:
+        if static.mean is None:
+            mean = block_mean(xf, spec.block_size)
+        else:
+            mean = _static_stat(static.mean, "mean", target[:3] + (d,), x)
         xf = xf - _expand(mean, spec, s)
     full_scale = _expand(scale, spec, s)
     if zero is not None:
@@ -222,19 +259,15 @@ def quantize(
     xf = x.to(torch.float32)
     grouped = spec.mode in ("channel", "block")
     if grouped:
-        view, pad = _group_view(xf, spec)
-        valid = torch.ones(view.shape[2] * view.shape[3], device=x.device, dtype=torch.bool)
-        if pad:
-            valid[-pad:] = False
-        valid = valid.view(1, 1, view.shape[2], view.shape[3], 1)
+        view, pad = _group_view(xf, spec.block_size)
+        valid = _valid_tokens(view, pad)
     else:
         view, valid = xf, None
     dims = _reduce_dims(spec)
 
     mean = None
     if spec.subtract_mean:
-        count = valid.sum(dim=3, keepdim=True).clamp_min(1).to(torch.float32)
-        mean = torch.where(valid, view, 0.0).sum(dim=3, keepdim=True) / count
+        mean = _block_mean(view, valid)
         view = view - mean
 
     if spec.strategy == "asymmetric":

@@ -4,9 +4,9 @@ Calibrates the tiny random Flux pipeline (4 prompts) and a tiny random Llama (4 
 tokens), then measures on inputs not used for calibration: Flux, the relative L1 error of the final
 latents against the unquantised pipeline; Llama, the relative L1 error of every attention output
 against float64 SDPA. Per-token (`row`) operands, e.g. V of the kv presets, get no static scale and
-stay dynamic. A second table: the relative squared quantisation error of each INT4 operand that has
-static scales, on the unseen calls, by method. Prints the command, device, versions and markdown
-tables (docs/calibration.md).
+stay dynamic; mean-subtracting operands (K) take their block means at run time. A second table:
+the relative squared quantisation error of each INT4 operand that has static scales, on the unseen
+calls, by method. Prints the command, device, versions and markdown tables (docs/calibration.md).
 
     python scripts/calibration_table.py
 """

@@ -96,30 +96,45 @@ def test_save_reload_byte_identical(flux, tmp_path):
                 assert (a is None and b is None) or a.numpy().tobytes() == b.numpy().tobytes()
 
 
-@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "qk-int8-pv-fp8"])
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "kv-int4-v8", "qk-int8-pv-fp8"])
 def test_static_scales_within_1_2x_of_dynamic_on_unseen_prompts(flux, preset):
-    """Measured (relative L1 of the final latents, mse static vs dynamic): kv-int8 1.01e-4 vs 9.22e-5 (1.10x),
-    kv-int4 2.63e-3 vs 2.42e-3 (1.08x), qk-int8-pv-fp8 6.11e-4 vs 8.22e-4 (0.74x). The kv presets' V (per token)
-    stays dynamic; with a static per-head V scale kv-int8 measured 1.37x."""
+    """Measured (relative L1 of the final latents, mse static vs dynamic): kv-int8 9.23e-5 vs 9.22e-5 (1.00x),
+    kv-int4 2.44e-3 vs 2.42e-3 (1.01x), kv-int4-v8 1.67e-4 vs 1.49e-4 (1.12x), qk-int8-pv-fp8 7.08e-4 vs 8.22e-4
+    (0.86x). K's block means are taken at run time (its scale covers x less its block's mean); with static means
+    kv-int4-v8 measured 4.41x. The kv presets' V (per token) stays dynamic."""
     pipe, _, reference = flux
     dynamic = _error(pipe, reference, config=QuantConfig.preset(preset))
     static = _error(pipe, reference, _cal(flux, preset, "mse"))
     assert 0 < static <= 1.2 * dynamic, (static, dynamic)
+    if preset == "kv-int4-v8":
+        assert static > 1.05 * dynamic, (static, dynamic)  # measured 1.12x: K's INT4 static range still costs
 
 
-def test_kv_int4_v8_static_k_costs_more(flux):
-    """K per channel in 32-token blocks with block means, INT4: the padded T5 tokens' keys are near-identical, so a
-    dynamic block of them quantises almost exactly and one static range per channel cannot (measured mse static
-    6.59e-4 vs dynamic 1.49e-4, 4.41x; V is dynamic, so all of it is K's)."""
-    pipe, _, reference = flux
-    dynamic = _error(pipe, reference, config=QuantConfig.preset("kv-int4-v8"))
-    static = _error(pipe, reference, _cal(flux, "kv-int4-v8", "mse"))
-    assert 3.5 * dynamic < static <= 4.8 * dynamic, (static, dynamic)
+def test_kv_int4_v8_static_means_cost_4x_block_means_do_not(flux):
+    """K per channel in 32-token blocks, INT4. Flux's padded T5 tokens have near-identical keys: a block of them less
+    its own mean quantises almost exactly; less one static mean per channel over every token it does not. Absmax
+    scales both ways: static means (as schema-1/2 files hold them, still run as such) measured 6.37e-4 (4.27x the
+    dynamic 1.49e-4), block means at run time 1.67e-4 (1.12x)."""
+    pipe, stats, reference = flux
+    config = QuantConfig.preset("kv-int4-v8")
+    dynamic = _error(pipe, reference, config=config)
+    block_means = _cal(flux, "kv-int4-v8", "absmax")
+    static_means = {}
+    for name, ops in stats.layers.items():
+        k = ops["k"]
+        heads, dim = k.heads, k.dim
+        clip = torch.maximum(k.amax - k.mean, k.mean - k.amin)
+        static_means[name] = {"k": StaticQuant((clip / 7).view(1, heads, 1, dim), k.mean.view(1, heads, 1, dim))}
+    old = dataclasses.replace(block_means, layers=static_means)
+    assert old.schema_version == 2 and block_means.schema_version == 3
+    with_block_means, with_static_means = _error(pipe, reference, block_means), _error(pipe, reference, old)
+    assert 1.05 * dynamic < with_block_means <= 1.2 * dynamic, (with_block_means, dynamic)
+    assert 3.8 * dynamic < with_static_means <= 4.8 * dynamic, (with_static_means, dynamic)
 
 
 def test_int4_percentile_and_mse_beat_absmax(flux, held_out):
-    """kv-int4's static K on unseen prompts, relative squared quantisation error: measured absmax 1.48e-2,
-    percentile 1.36e-2 (0.92x), mse 1.00e-2 (0.68x). (In the final latents the three differ by < 3%: V's dynamic
+    """kv-int4's static K on unseen prompts, relative squared quantisation error: measured absmax 1.53e-3,
+    percentile 1.41e-3 (0.92x), mse 1.24e-3 (0.81x). (In the final latents the three differ by < 1%: V's dynamic
     INT4 error dominates.)"""
     cfg = QuantConfig.preset("kv-int4")
     errors = []
@@ -131,7 +146,7 @@ def test_int4_percentile_and_mse_beat_absmax(flux, held_out):
             total += k.square().sum().item()
         errors.append(err / total)
     absmax, percentile, mse = errors
-    assert percentile < 0.95 * absmax and mse < 0.75 * absmax, errors
+    assert percentile < 0.95 * absmax and mse < 0.85 * absmax, errors
 
 
 def test_per_token_v_stays_dynamic(flux, held_out):
@@ -204,8 +219,16 @@ def test_config_other_than_the_calibrated_one_is_refused(flux):
             _run(pipe, TEST[0])
     finally:
         remove(pipe)
-    # static scales do not depend on the block size: another K block size is accepted and gives the same result
-    other_blocks = cal.config.replace(k=dataclasses.replace(cal.config.k, block_size=16))
+    # K's scale covers x less its own block's mean, so it depends on K's block size: another one is refused
+    apply(pipe, cal.config.replace(k=dataclasses.replace(cal.config.k, block_size=16)), calibration=cal)
+    try:
+        with pytest.raises(CalibrationError, match="operand 'k' is configured as .*'block_size': 16"):
+            _run(pipe, TEST[0])
+    finally:
+        remove(pipe)
+    # Q's per-head scale (block mode, no means) does not depend on the block size: another one gives the same result
+    cal = _cal(flux, "qk-int8-pv-fp8", "absmax")
+    other_blocks = cal.config.replace(q=dataclasses.replace(cal.config.q, block_size=16))
     outs = []
     for config in (cal.config, other_blocks):
         apply(pipe, config, calibration=cal)

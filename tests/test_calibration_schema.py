@@ -22,7 +22,8 @@ from quantattn_hf.calibration import (
     save_calibration,
 )
 from quantattn_hf.calibration.header import parse_header, read_metadata, update_metadata
-from quantattn_hf.calibration.schema import KEY_FORMAT, KEY_PAYLOAD, KEY_SHA256, KEY_VERSION
+from quantattn_hf.calibration.schema import KEY_FORMAT, KEY_PAYLOAD, KEY_SHA256, KEY_VERSION, decode_array, encode_array
+from quantattn_hf.quant import StaticQuant, quantize
 
 ASYM = QuantConfig.preset("kv-int8").replace(v=OperandQuant("int4", strategy="asymmetric", mode="block", block_size=16))
 
@@ -50,6 +51,18 @@ def _bytes(t: torch.Tensor | None) -> bytes | None:
     return None if t is None else t.numpy().tobytes()
 
 
+def _with_means(payload: dict) -> dict:
+    """The payload with a static mean per head and channel for K (kv-int8's K subtracts means), as schemas 1 and 2
+    store them."""
+    g = torch.Generator().manual_seed(7)
+    for ops in payload["layers"].values():
+        ops["k"]["mean"] = encode_array(torch.randn(1, 2, 1, 8, generator=g))
+    return payload
+
+
+META_2 = parse_metadata({**_with_payload(_with_means(json.loads(META[KEY_PAYLOAD]))), KEY_VERSION: "2"}).to_metadata()
+
+
 def test_round_trip_is_byte_identical(tmp_path):
     path = save_calibration(CAL, tmp_path / "c.safetensors")
     back = read_calibration(path)
@@ -63,9 +76,10 @@ def test_round_trip_is_byte_identical(tmp_path):
             for field in ("scale", "mean", "zero_point"):
                 assert _bytes(getattr(back.layers[name][op], field)) == _bytes(getattr(s, field)), (name, op, field)
     assert back.layers["blocks.0.attn"]["v"].zero_point is not None
+    assert back.layers["blocks.0.attn"]["k"].mean is None  # K's block means are taken at run time
     assert back.to_metadata() == META
-    # compact: base64 of float32, not decimal text (2 layers x (K scale+mean 2x16 floats, V scale+zero 2x2 floats))
-    assert len(META[KEY_PAYLOAD]) < 2500
+    # compact: base64 of float32, not decimal text (2 layers x (K scale 2x8 floats, V scale+zero 2x2 floats))
+    assert len(META[KEY_PAYLOAD]) < 1700
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -103,9 +117,13 @@ def test_missing_payload_key(key):
 
 
 def test_missing_operand_and_array_field():
-    payload = json.loads(META[KEY_PAYLOAD])
+    payload = json.loads(META_2[KEY_PAYLOAD])
     del payload["layers"]["blocks.1.attn"]["k"]["mean"]
     with pytest.raises(CalibrationError, match=r"layers\['blocks.1.attn'\].k: missing key 'mean'"):
+        parse_metadata({**_with_payload(payload), KEY_VERSION: "2"})
+    payload = json.loads(META[KEY_PAYLOAD])
+    del payload["layers"]["blocks.1.attn"]["k"]["scale"]
+    with pytest.raises(CalibrationError, match=r"layers\['blocks.1.attn'\].k: missing key 'scale'"):
         parse_metadata(_with_payload(payload))
     payload = json.loads(META[KEY_PAYLOAD])
     del payload["layers"]["blocks.0.attn"]["v"]
@@ -114,9 +132,9 @@ def test_missing_operand_and_array_field():
 
 
 def test_newer_versions_and_wrong_format():
-    assert META[KEY_VERSION] == str(CALIBRATION_SCHEMA_VERSION) == "2"
-    with pytest.raises(CalibrationError, match="schema_version: 3 is newer than this quantattn-hf reads .2.; upgrade"):
-        parse_metadata({**META, KEY_VERSION: "3"})
+    assert META[KEY_VERSION] == str(CALIBRATION_SCHEMA_VERSION) == "3"
+    with pytest.raises(CalibrationError, match="schema_version: 4 is newer than this quantattn-hf reads .3.; upgrade"):
+        parse_metadata({**META, KEY_VERSION: "4"})
     payload = json.loads(META[KEY_PAYLOAD])
     payload["strategy_version"] = 9
     with pytest.raises(CalibrationError, match="strategy_version: 9 is newer"):
@@ -135,13 +153,14 @@ def _row_v(payload: dict) -> dict:
 
 def test_schema_1_file_loads_with_per_token_scales_dropped():
     """Schema 1 stored a per-head scale for per-token (row) operands: still read, validated, and that entry dropped."""
-    meta = {**_with_payload(_row_v(json.loads(META[KEY_PAYLOAD]))), KEY_VERSION: "1"}
+    meta = {**_with_payload(_row_v(json.loads(META_2[KEY_PAYLOAD]))), KEY_VERSION: "1"}
     cal = parse_metadata(meta)
     assert cal.config.v.mode == "row"
+    stored = parse_metadata(META_2)
     for name, ops in cal.layers.items():
         assert set(ops) == {"k"}
         for field in ("scale", "mean"):
-            assert _bytes(getattr(ops["k"], field)) == _bytes(getattr(CAL.layers[name]["k"], field))
+            assert _bytes(getattr(ops["k"], field)) == _bytes(getattr(stored.layers[name]["k"], field))
     again = cal.to_metadata()
     assert again[KEY_VERSION] == "2" and "zero_point" not in again[KEY_PAYLOAD]
     assert parse_metadata(again).to_metadata() == again
@@ -152,6 +171,32 @@ def test_schema_1_file_loads_with_per_token_scales_dropped():
     del broken["layers"]["blocks.0.attn"]["v"]
     with pytest.raises(CalibrationError, match="missing key 'v' .the config quantises it"):
         parse_metadata({**_with_payload(broken), KEY_VERSION: "1"})
+
+
+def test_schema_2_file_loads_and_runs_with_its_static_means():
+    """Schema 2 stored a static mean per head and channel for mean-subtracting operands: read, kept, used, rewritten
+    as schema 2; schema 3 stores none (the block means are taken at run time) and refuses one."""
+    cal = parse_metadata(META_2)
+    payload = json.loads(META_2[KEY_PAYLOAD])
+    x = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(3)) * 3
+    for name, ops in cal.layers.items():
+        assert _bytes(ops["k"].scale) == _bytes(CAL.layers[name]["k"].scale)
+        mean = decode_array(payload["layers"][name]["k"]["mean"], "mean")
+        assert _bytes(ops["k"].mean) == _bytes(mean)
+        held = quantize(x, cal.config.k, static=ops["k"])
+        assert torch.equal(held.mean, mean.expand(1, 2, 1, 8))  # one block of 40 tokens: the static mean, not x's
+    assert cal.schema_version == 2 and cal.to_metadata() == META_2
+    with pytest.raises(CalibrationError, match=r"k: field\(s\) \['mean'\] not stored in a schema-3 file .the block"):
+        parse_metadata({**META_2, KEY_VERSION: "3"})
+    mixed = {**cal.layers, "blocks.1.attn": CAL.layers["blocks.1.attn"]}
+    with pytest.raises(CalibrationError, match="static means on some operands and run-time block means on others"):
+        Calibration(config=cal.config, fingerprint=cal.fingerprint, layers=mixed)
+    v_mean = {
+        n: {**ops, "v": StaticQuant(ops["v"].scale, ops["k"].mean, ops["v"].zero_point)}
+        for n, ops in cal.layers.items()
+    }
+    with pytest.raises(CalibrationError, match="operand 'v' has a mean but no subtract_mean"):
+        Calibration(config=cal.config, fingerprint=cal.fingerprint, layers=v_mean)
 
 
 def test_schema_2_refuses_per_token_scales():
@@ -191,7 +236,6 @@ def test_bad_arrays():
         "not valid base64": lambda k: k["scale"].update(data="@@@@"),
         "scale must be > 0": lambda k: k["scale"].update(data=floats([1.0] * 15 + [0.0])),
         "scale holds NaN or Inf": lambda k: k["scale"].update(data=floats([1.0] * 15 + [float("inf")])),
-        "mean holds NaN": lambda k: k["mean"].update(data=floats([float("nan")] * 16)),
         "is not one of": lambda k: k["scale"].update(dtype="float64"),
         "unknown field": lambda k: k["scale"].update(extra=1),
         "not used by the config": lambda k: k.update(zero_point=k["scale"]),
@@ -199,6 +243,10 @@ def test_bad_arrays():
     for message, fn in cases.items():
         with pytest.raises(CalibrationError, match=message):
             parse_metadata(broken(fn))
+    payload = json.loads(META_2[KEY_PAYLOAD])
+    payload["layers"]["blocks.0.attn"]["k"]["mean"]["data"] = floats([float("nan")] * 16)
+    with pytest.raises(CalibrationError, match="mean holds NaN"):
+        parse_metadata({**_with_payload(payload), KEY_VERSION: "2"})
 
 
 def test_update_metadata_keeps_tensors(tmp_path):
@@ -233,6 +281,7 @@ def _paths(node, prefix=()):
 
 PAYLOAD = json.loads(META[KEY_PAYLOAD])
 PATHS = list(_paths(PAYLOAD))
+PATHS_2 = list(_paths(json.loads(META_2[KEY_PAYLOAD])))
 
 
 def _replace(node, path, value):
@@ -259,10 +308,11 @@ def test_fuzz_payload_subtree_replaced(path, value):
 
 
 @FUZZ
-@given(st.sampled_from(PATHS), JSON)
+@given(st.sampled_from(PATHS_2), JSON)
 def test_fuzz_schema_1_payload_subtree_replaced(path, value):
-    """The schema-1 path (per-token V entries validated, then dropped) raises nothing but CalibrationError."""
-    payload = _replace(_row_v(json.loads(META[KEY_PAYLOAD])), path, value)
+    """The schema-1 path (per-token V entries validated, then dropped; static means) raises nothing but
+    CalibrationError."""
+    payload = _replace(_row_v(json.loads(META_2[KEY_PAYLOAD])), path, value)
     try:
         parse_metadata({**_with_payload(payload), KEY_VERSION: "1"})
     except CalibrationError:

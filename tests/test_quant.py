@@ -175,7 +175,27 @@ def test_static_scales_equal_to_measured_ones_give_the_same_codes(gen):
     assert torch.equal(stat.data, dyn.data)
     clipped = quantize(x * 4, spec, static=StaticQuant(dyn.scale, dyn.mean))
     assert int(clipped.data.abs().max()) == 127
-    with pytest.raises(ValueError, match="mean"):
-        quantize(x, spec, static=StaticQuant(dyn.scale))
     with pytest.raises(ValueError, match="broadcast"):
         quantize(x, spec, static=StaticQuant(torch.ones(1, 3, 1, 8), dyn.mean))
+    with pytest.raises(ValueError, match="static mean: expected"):
+        quantize(x, spec, static=StaticQuant(dyn.scale, dyn.mean[:, :, 0]))
+
+
+@pytest.mark.parametrize("mode", ["channel", "block"])
+def test_static_scale_without_a_mean_takes_each_blocks_own_mean(mode, gen):
+    """No static mean: each block's mean is taken away as dynamic quantisation does, then the static scale applies."""
+    spec = OperandQuant("int4", mode=mode, block_size=16, subtract_mean=True)
+    x = torch.randn(2, 3, 50, 8, generator=gen) * 3 + torch.randn(1, 3, 1, 8, generator=gen) * 5
+    dyn = quantize(x, spec)
+    scale = dyn.scale.amax(dim=(0, 2), keepdim=True) * 0.8  # some values clip
+    held = quantize(x, spec, static=StaticQuant(scale))
+    assert torch.equal(held.mean, dyn.mean)
+    means = torch.stack([x[:, :, i : i + 16].double().mean(dim=2) for i in range(0, 50, 16)], dim=2)
+    torch.testing.assert_close(held.mean.double(), means, rtol=0, atol=1e-5)
+    full_scale = scale.double().expand(2, 3, 1, -1 if mode == "channel" else 8)
+    codes = torch.round((x.double() - means.repeat_interleave(16, dim=2)[:, :, :50]) / full_scale).clamp(-7, 7)
+    assert (held.codes().double() != codes).double().mean() < 1e-3  # float32 vs float64 at rounding boundaries
+    assert (held.codes().double() - codes).abs().max() <= 1
+    assert int(held.codes().abs().max()) == 7
+    with pytest.raises(ValueError, match="broadcast"):
+        quantize(x, spec, static=StaticQuant(torch.ones(1, 4, 1, 1)))

@@ -23,7 +23,7 @@ from quantattn_hf.backends.triton import decode as triton_decode  # noqa: E402
 from quantattn_hf.backends.triton import launch as triton_launch  # noqa: E402
 from quantattn_hf.backends.triton import quantize as triton_quantize  # noqa: E402
 from quantattn_hf.config import PRESETS, OperandQuant, QuantConfig  # noqa: E402
-from quantattn_hf.quant import quantize  # noqa: E402
+from quantattn_hf.quant import StaticQuant, block_residual, quantize  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -149,6 +149,29 @@ def test_prefill_16bit_paths_match_reference(preset, dtype):
     out, lse, ref, ref_lse = _both(q, k, v, config=cfg)
     assert _rel_l1(out, ref) < REL_L1_16BIT
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL)
+
+
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "qk-int8-pv-fp8"])
+def test_static_scales_with_run_time_block_means_match_reference(preset):
+    """Calibrated static scales (K's block means taken at run time, no static mean): both backends hold the operands
+    through quant.quantize's static path, so the kernels must read them as the reference does (qk-int8-pv-fp8: all
+    keys in one tile, where P' is rounded as the reference rounds it)."""
+    cfg = QuantConfig.preset(preset)
+    q, k, v = _inputs(1, 4, 2, 40, 30 if cfg.p.precision == "fp8_e4m3" else 70, 64)
+    qmax = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}
+    dims = {"channel": (0, 2), "block": (0, 2, 3)}
+    residual = block_residual(k, cfg.k.block_size)
+    static = {"k": StaticQuant(0.9 * residual.abs().amax(dim=dims[cfg.k.mode], keepdim=True) / qmax[cfg.k.precision])}
+    if cfg.q.quantized:
+        static["q"] = StaticQuant(q.float().abs().amax(dim=(0, 2, 3), keepdim=True) / qmax[cfg.q.precision])
+    if cfg.v.mode != "row":
+        static["v"] = StaticQuant(v.float().abs().amax(dim=(0, 2), keepdim=True) / qmax[cfg.v.precision])
+    held = quantize(k, cfg.k, static=static["k"])
+    torch.testing.assert_close(held.mean, quantize(k, cfg.k).mean, rtol=0, atol=0)
+    out, lse, ref, ref_lse = _both(q, k, v, config=cfg, static_scales=static)
+    # measured 2.0e-4 (kv-int8), 1.9e-4 (kv-int4), 8e-8 (qk-int8-pv-fp8); lse <= 2.2e-4
+    assert _rel_l1(out, ref) < REL_L1_16BIT
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL)
 
 

@@ -4,7 +4,7 @@ from .checkpoint import load_calibrated, read_calibration, save_calibrated, save
 from .fingerprint import check_fingerprint, config_sha256, model_fingerprint
 from .methods import METHODS, Method, compute_calibration, operand_static
 from .observe import notify, observe
-from .runner import calibrate, collect
+from .runner import calibrate, collect, span_for
 from .schema import (
     CALIBRATION_SCHEMA_VERSION,
     FORMAT_NAME,
@@ -53,6 +53,7 @@ __all__ = [
     "read_calibration",
     "save_calibrated",
     "save_calibration",
+    "span_for",
     "static_operands",
     "takes_static",
 ]

@@ -3,13 +3,16 @@
 Each method picks, per group of the operand's mode (per head and channel in `channel` mode, per head
 in `block` mode, one for `tensor` mode), the range a static scale covers. Per-token (`row`) operands
 get none: a per-token scale is a reduction over the token's own channels, with no cross-token max
-for a static scale to remove, and one scale per head cannot follow each token; they stay dynamic. `mse` quantises the
-sampled tokens with `quant.quantize` itself for every candidate range and keeps, per group, the
-one with the least squared error, so it measures exactly what the kernels will compute.
+for a static scale to remove, and one scale per head cannot follow each token; they stay dynamic.
+With `subtract_mean` the range is that of x less its own block's mean (the block means stay dynamic:
+a sum, no max reduction), measured over the operand's block size. `mse` quantises the sampled tokens
+(less their block means) with `quant.quantize` itself for every candidate range and keeps, per
+group, the one with the least squared error, so it measures exactly what the kernels will compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,9 +82,9 @@ def _as_static_shape(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, t.shape[0], 1, t.shape[1]).to(torch.float32).contiguous()
 
 
-def _symmetric(clip: torch.Tensor, spec: OperandQuant, mean: torch.Tensor | None) -> StaticQuant:
+def _symmetric(clip: torch.Tensor, spec: OperandQuant) -> StaticQuant:
     scale = clip.clamp_min(TINY) / SYMMETRIC_QMAX[spec.precision]
-    return StaticQuant(_as_static_shape(scale), mean)
+    return StaticQuant(_as_static_shape(scale))
 
 
 def _asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: OperandQuant) -> StaticQuant:
@@ -111,7 +114,7 @@ def _pick(candidates: list[StaticQuant], errors: list[torch.Tensor]) -> StaticQu
         parts = [getattr(c, name) for c in candidates]
         return None if parts[0] is None else torch.gather(torch.stack(parts), 0, index)[0]
 
-    return StaticQuant(gather("scale"), candidates[0].mean, gather("zero_point"))
+    return StaticQuant(gather("scale"), zero_point=gather("zero_point"))
 
 
 def operand_static(
@@ -121,7 +124,8 @@ def operand_static(
     strategy_version: int = 1,
     device: torch.device | str | None = None,
 ) -> StaticQuant:
-    """The static scale (and mean / zero point the spec needs) of one operand, by `method`.
+    """The static scale (and zero point, if asymmetric) of one operand, by `method`; no mean: with
+    `subtract_mean` the scale covers x less its own block's mean, which `quantize` takes away at run time.
 
     `device` is where the percentile and mse work on the sample runs (default the CPU); results are on the CPU.
     """
@@ -132,12 +136,9 @@ def operand_static(
         raise ValueError("operand_static: a per-token (mode 'row') operand takes dynamic scales, not static ones")
     if stats.count == 0:
         raise ValueError("operand_static: no finite data was recorded for this operand")
-    h, d = stats.heads, stats.dim
-    mean_hd = stats.mean if spec.subtract_mean else torch.zeros(h, d)
-    mean = mean_hd.view(1, h, 1, d).contiguous() if spec.subtract_mean else None
     mode = spec.mode
-    sample = stats.sample if device is None else stats.sample.to(device)
     if spec.strategy == "asymmetric":
+        sample = stats.sample if device is None else stats.sample.to(device)
         lo, hi = _reduce(stats.amin, mode, "min"), _reduce(stats.amax, mode, "max")
         if method.name == "percentile":
             vals = _group_values(sample, mode)
@@ -148,14 +149,20 @@ def operand_static(
         center, half = (hi + lo) / 2, (hi - lo) / 2
         candidates = [_asymmetric(center - r * half, center + r * half, spec) for r in _ratios(method)]
     else:
-        absmax = _reduce(torch.maximum(stats.amax - mean_hd, mean_hd - stats.amin), mode, "max")
+        if spec.subtract_mean:
+            # the scale covers x less its own block's mean (taken away at run time); the search quantises those
+            absmax_hd, sample = stats.residuals(spec.block_size)
+            spec = dataclasses.replace(spec, subtract_mean=False)
+        else:
+            absmax_hd, sample = torch.maximum(stats.amax, -stats.amin), stats.sample
+        sample = sample if device is None else sample.to(device)
+        absmax = _reduce(absmax_hd, mode, "max")
         if method.name == "percentile":
-            centered = (sample - mean_hd[:, None, :].to(sample.device)).abs()
-            clip = torch.minimum(absmax, quantile(_group_values(centered, mode), method.percentile / 100.0).cpu())
-            return _symmetric(clip, spec, mean)
+            clip = torch.minimum(absmax, quantile(_group_values(sample.abs(), mode), method.percentile / 100.0).cpu())
+            return _symmetric(clip, spec)
         if method.name == "absmax":
-            return _symmetric(absmax, spec, mean)
-        candidates = [_symmetric(r * absmax, spec, mean) for r in _ratios(method)]
+            return _symmetric(absmax, spec)
+        candidates = [_symmetric(r * absmax, spec) for r in _ratios(method)]
     errors = [_squared_error(sample, spec, c, strategy_version).cpu() for c in candidates]
     return _pick(candidates, errors)
 

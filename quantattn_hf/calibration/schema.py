@@ -7,7 +7,10 @@ raw little-endian float32 bytes with their shape. `parse_metadata` raises only `
 Operands quantised per token (`mode="row"`) get no static scale: their groups span no tokens, so a
 dynamic scale needs no cross-token reduction, and one static scale per head cannot follow each
 token. Schema version 2 stores no entry for them (at use they are quantised dynamically); version 1
-files, which stored one, are read with that entry validated and then dropped.
+files, which stored one, are read with that entry validated and then dropped. Schema version 3
+stores no means: a mean-subtracting operand's scale covers x less its own block's mean, taken at
+run time; version 1 and 2 files, which store a static mean per head and channel, are read with it
+and run with it (`quant.StaticQuant.mean`), and such a calibration is written as version 2.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from ..config import STRATEGY_VERSION, OperandQuant, QuantConfig
 from ..quant import StaticQuant
 
 FORMAT_NAME = "quantattn-calibration"
-CALIBRATION_SCHEMA_VERSION = 2
+CALIBRATION_SCHEMA_VERSION = 3
+STATIC_MEANS_SCHEMA_VERSION = 2  # the last version that stores static means
 KEY_FORMAT = "quantattn.format"
 KEY_VERSION = "quantattn.schema_version"
 KEY_SHA256 = "quantattn.sha256"
@@ -64,6 +68,7 @@ class Calibration:
 
     def __post_init__(self) -> None:
         wanted = set(static_operands(self.config))
+        means = set()
         for name, ops in self.layers.items():
             extra = set(ops) - wanted
             if extra:
@@ -71,6 +76,19 @@ class Calibration:
                     f"layer {name!r:.80}: operand(s) {sorted(extra)} take no static scales with this config "
                     "(not quantised, or quantised per token, mode 'row', which stays dynamic)"
                 )
+            for op, st in ops.items():
+                if getattr(self.config, op).subtract_mean:
+                    means.add(st.mean is not None)
+                elif st.mean is not None:
+                    raise CalibrationError(f"layer {name!r:.80}: operand {op!r} has a mean but no subtract_mean")
+        if len(means) > 1:
+            raise CalibrationError("static means on some operands and run-time block means on others: use one")
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version `to_metadata` writes: the current one, or 2 for static means (read from a 1/2 file)."""
+        static_means = any(st.mean is not None for ops in self.layers.values() for st in ops.values())
+        return STATIC_MEANS_SCHEMA_VERSION if static_means else CALIBRATION_SCHEMA_VERSION
 
     @property
     def strategy_version(self) -> int:
@@ -92,7 +110,7 @@ class Calibration:
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return {
             KEY_FORMAT: FORMAT_NAME,
-            KEY_VERSION: str(CALIBRATION_SCHEMA_VERSION),
+            KEY_VERSION: str(self.schema_version),
             KEY_SHA256: hashlib.sha256(text.encode()).hexdigest(),
             KEY_PAYLOAD: text,
         }
@@ -156,11 +174,14 @@ def decode_array(data: Any, where: str) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32))
 
 
-def static_shapes(spec: OperandQuant, heads: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """The stored shape of each statistic the spec needs ({field: shape}); `row` groups occur in schema 1 only."""
+def static_shapes(
+    spec: OperandQuant, heads: int, dim: int, schema: int = CALIBRATION_SCHEMA_VERSION
+) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each statistic the spec needs ({field: shape}); `row` groups occur in schema 1 only,
+    means in schemas 1 and 2 only."""
     group = {"tensor": (1, 1, 1, 1), "row": (1, heads, 1, 1), "block": (1, heads, 1, 1), "channel": (1, heads, 1, dim)}
     shapes = {"scale": group[spec.mode]}
-    if spec.subtract_mean:
+    if spec.subtract_mean and schema <= STATIC_MEANS_SCHEMA_VERSION:
         shapes["mean"] = (1, heads, 1, dim)
     if spec.strategy == "asymmetric":
         shapes["zero_point"] = group[spec.mode]
@@ -201,7 +222,8 @@ def _parse_fingerprint(data: Any) -> dict[str, Any]:
 def _parse_layer(
     name: str, ops: Any, config: QuantConfig, shapes: dict[str, list[int]], schema: int
 ) -> dict[str, StaticQuant]:
-    """One layer's static scales; schema 1 stored per-token (`row`) operands too: validated, then dropped."""
+    """One layer's static scales; schema 1 stored per-token (`row`) operands too: validated, then dropped; schemas 1
+    and 2 store means."""
     where = f"layers[{name!r:.80}]"
     if not isinstance(ops, dict):
         raise CalibrationError(f"{where}: expected an object, got {type(ops).__name__}")
@@ -223,10 +245,13 @@ def _parse_layer(
         fields = ops[op]
         if not isinstance(fields, dict):
             raise CalibrationError(f"{where}.{op}: expected an object, got {type(fields).__name__}")
-        expected = static_shapes(getattr(config, op), *shapes[op])
+        expected = static_shapes(getattr(config, op), *shapes[op], schema)
         extra = set(fields) - set(expected)
         if extra:
-            raise CalibrationError(f"{where}.{op}: field(s) {sorted(extra)} not used by the config")
+            why = "not used by the config"
+            if "mean" in extra and getattr(config, op).subtract_mean:
+                why = f"not stored in a schema-{schema} file (the block means are taken at run time)"
+            raise CalibrationError(f"{where}.{op}: field(s) {sorted(extra)} {why}")
         arrays = {}
         for fname, shape in expected.items():
             t = decode_array(_require(fields, fname, dict, f"{where}.{op}"), f"{where}.{op}.{fname}")

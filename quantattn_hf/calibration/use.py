@@ -31,12 +31,14 @@ CALIBRATION_ATTR = "quantattn_calibration"
 
 
 def _static_key(spec: OperandQuant) -> OperandQuant:
-    """The parts of a spec static scales depend on (the block size does not change them)."""
-    return dataclasses.replace(spec, block_size=1)
+    """The parts of a spec static scales depend on: the block size only with `subtract_mean` (the scale covers x
+    less its own block's mean)."""
+    return spec if spec.subtract_mean else dataclasses.replace(spec, block_size=1)
 
 
 def check_config(used: QuantConfig, calibrated: QuantConfig, where: str = "calibration") -> None:
-    """Raise unless `used` quantises Q, K and V as the calibration's config does (block size may differ)."""
+    """Raise unless `used` quantises Q, K and V as the calibration's config does (block size may differ for an
+    operand without `subtract_mean`)."""
     for op in ("q", "k", "v"):
         a, b = getattr(used, op), getattr(calibrated, op)
         if _static_key(a) != _static_key(b):

@@ -51,8 +51,11 @@ def append_group(spec: OperandQuant) -> int:
     return spec.block_size
 
 
-def cache_config(config: QuantConfig | str | None, block_size: int | None) -> QuantConfig:
-    """The config a cache holds K/V by: `config` with K (and V, if grouped) blocks of `block_size` tokens."""
+def cache_config(
+    config: QuantConfig | str | None, block_size: int | None, keep: frozenset[str] = frozenset()
+) -> QuantConfig:
+    """The config a cache holds K/V by: `config` with K (and V, if grouped) blocks of `block_size` tokens, except
+    the operands in `keep`."""
     cfg = resolve_config(config)
     if block_size is not None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
@@ -60,7 +63,7 @@ def cache_config(config: QuantConfig | str | None, block_size: int | None) -> Qu
         changes = {
             op: OperandQuant(**{**spec.to_dict(), "block_size": block_size})
             for op, spec in (("k", cfg.k), ("v", cfg.v))
-            if spec.quantized and spec.mode in ("channel", "block") and spec.block_size != block_size
+            if spec.quantized and spec.mode in ("channel", "block") and spec.block_size != block_size and op not in keep
         }
         if changes:
             cfg = cfg.replace(**changes)
@@ -504,7 +507,8 @@ class QuantizedKVCache(Cache):
     `residual_length` newest tokens stay in 16-bit (KIVI's window; the partial last block always
     does). `static_scales` maps a layer index to calibrated {'q'|'k'|'v': StaticQuant}, used instead
     of measured statistics for that layer (default: what `quantattn_hf.calibration` attached to the
-    model, if anything).
+    model, if anything). A mean-subtracting operand with static scales and no static mean keeps
+    `config`'s block size: its scale covers x less its own block's mean, for blocks of that size.
     """
 
     def __init__(
@@ -522,20 +526,27 @@ class QuantizedKVCache(Cache):
                 config = getattr(model, "quantattn_config", None)
             if static_scales is None:
                 static_scales = getattr(model, "quantattn_static_scales", None)
-        cfg = cache_config(config, block_size)
+        heads = text.num_attention_heads
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        num_layers = len(layer_types)
+        _check_static(static_scales, num_layers)
+        base = resolve_config(config)
+        calibrated = frozenset(
+            op
+            for entry in (static_scales or {}).values()
+            for op, st in entry.items()
+            if st.mean is None and getattr(base, op).subtract_mean
+        )
+        cfg = cache_config(base, block_size, calibrated)
         if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
             raise ValueError(f"residual_length: must be an int >= 0, got {residual_length!r}")
-        heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         for name, spec in (("key", cfg.k), ("value", cfg.v)):
             if spec.precision == "int4" and head_dim % 2:
                 raise ValueError(f"QuantizedKVCache: int4 {name}s need an even head dim, the model's is {head_dim}")
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         if isinstance(layer_kwargs, dict):  # transformers before 5.2x: one dict shared by every layer
             layer_kwargs = [layer_kwargs] * len(layer_types)
-        num_layers = len(layer_types)
-        _check_static(static_scales, num_layers)
         layers = []
         for idx, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
             if kind not in ("full_attention", "sliding_attention"):
