@@ -288,6 +288,31 @@ def profile_once(presets: list[str]) -> None:
     torch.cuda.synchronize()
 
 
+def profile_host(presets: list[str]) -> None:
+    """Host time of eager `quantized_attention` calls at the Flux shape, and cProfile's top functions per preset."""
+    import cProfile
+    import pstats
+
+    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for preset in presets:
+        for _ in range(3):
+            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
+        host_ms = (time.perf_counter() - start) / 20 * 1000
+        torch.cuda.synchronize()
+        print(f"\n{preset}: {host_ms:.3f} ms of host time per call (no sync)")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
+        profiler.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
 def profile_decode(presets: list[str]) -> None:
     """One Triton decode per preset over a held cache (B=8, L=8192, GQA 32/8), for `ncu -k regex:_decode`."""
     q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -304,6 +329,7 @@ def main() -> None:
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a --json file (no GPU needed)")
     parser.add_argument("--profile", nargs="+", metavar="PRESET", help="only run each preset once at the Flux shape")
+    parser.add_argument("--profile-host", nargs="+", metavar="PRESET", help="only cProfile eager calls (Flux shape)")
     parser.add_argument("--profile-decode", nargs="+", metavar="PRESET", help="only one decode per preset (B8 L8192)")
     parser.add_argument("--sweep", action="store_true", help="also B=1 H=24 D=128 over N (for the plot)")
     parser.add_argument("--skip-prefill", action="store_true")
@@ -314,6 +340,9 @@ def main() -> None:
         return
     if args.profile:
         profile_once(args.profile)
+        return
+    if args.profile_host:
+        profile_host(args.profile_host)
         return
     if args.profile_decode:
         profile_decode(args.profile_decode)

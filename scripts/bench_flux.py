@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import quantattn_hf  # noqa: E402
 from quantattn_hf.integrations.diffusers import apply, remove  # noqa: E402
+from quantattn_hf.integrations.diffusers_processors import FluxQuantAttnProcessor  # noqa: E402
 
 FLUX_DEV = {
     "num_layers": 19,
@@ -197,6 +198,18 @@ def measure_step(model, inputs: dict, args: argparse.Namespace, device: torch.de
     return result
 
 
+class SdpaFusedPrologueProcessor(FluxQuantAttnProcessor):
+    """Baseline: quantattn's Flux processor (fused norm + RoPE kernel) with unquantised torch SDPA attention.
+
+    Separates what the fused prologue gains from what quantised attention gains or costs.
+    """
+
+    def attend(self, query, key, value, attn_mask=None, layout="BSHD", **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return out.transpose(1, 2)
+
+
 KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "cudnn", "_attn_fwd", "attention")),
     ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")),
@@ -324,15 +337,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"built in {time.perf_counter() - t0:.1f} s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params")
 
     rows: dict[str, dict] = {}
-    for variant in ["sdpa", *presets]:
+    extra = ["sdpa+fused-prologue"] if device.type == "cuda" and not args.tiny else []
+    for variant in ["sdpa", *extra, *presets]:
         row: dict = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                if variant != "sdpa":
+                if variant == "sdpa+fused-prologue":
+                    model.set_attn_processor(SdpaFusedPrologueProcessor())
+                elif variant != "sdpa":
                     apply(model, variant, backend=args.backend)
                 row.update(measure_step(model, inputs, args, device))
-                op_preset = None if variant == "sdpa" else variant
+                op_preset = None if variant.startswith("sdpa") else variant
                 row["attn_op_ms"] = attention_op_ms(config, inputs, op_preset, args, device)
                 if args.profile and device.type == "cuda":
                     row["profile"] = profile_step(model, inputs)
