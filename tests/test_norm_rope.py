@@ -53,9 +53,12 @@ def _check_close(got, expected, dtype, magnitude=None):
         # measured max |diff| 1.4e-6 .. 1.9e-6 on values up to ~30 (fused multiply-adds, rsqrt vs 1/sqrt)
         assert (diff <= 1e-6 * magnitude + 1e-5).all()
     else:
-        # the same roundings as diffusers: measured 0 to 3e-4 of elements one 16-bit ulp (of the terms) apart
-        assert (diff <= magnitude * (2**-7 if dtype == torch.bfloat16 else 2**-10) + 1e-6).all()
-        assert (diff > 0).float().mean() < 1e-3
+        # the same roundings as diffusers; where x·rsqrt lands next to a rounding boundary the normalised value
+        # can round the other way (rsqrt vs 1/sqrt), then the result: at most two 16-bit ulps of the terms.
+        # Measured on the CPU: 0 to 3e-4 of elements differ
+        ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        assert (diff <= 2 * ulp * magnitude + 1e-6).all()
+        assert (diff > 0).float().mean() < 2e-3
 
 
 def _rope_magnitude(normed, cos, sin):
