@@ -310,7 +310,7 @@ def profile_host(presets: list[str]) -> None:
             quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
         profiler.disable()
         torch.cuda.synchronize()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
 def profile_decode(presets: list[str]) -> None:

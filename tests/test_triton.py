@@ -424,3 +424,45 @@ def test_gpu_fused_quantiser_full_size(spec):
     assert diff.max() <= 1
     assert (diff > 0).float().mean() <= CODE_MISMATCH
     torch.testing.assert_close(got.scale, want.scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_gpu_launch_cache_repeats_launches_exactly(preset):
+    """A signature's later launches go through the cached compiled kernels: the same numbers as the first launch,
+    and a view one element off the 16-byte alignment gets a plan of its own (and the reference's numbers)."""
+    q, k, v = _inputs(2, 4, 2, 300, 300, 64, torch.bfloat16, seed=11)
+    first = quantized_attention(q, k, v, config=preset, backend="triton", enable_gqa=True)
+    hits = triton_launch.ATTN_FWD.hits
+    again = torch.full_like(first, float("nan"))
+    again.copy_(quantized_attention(q, k, v, config=preset, backend="triton", enable_gqa=True))
+    assert triton_launch.ATTN_FWD.hits == hits + 1
+    assert torch.equal(again, first)
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view_as(q)
+    shifted.copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+
+    def plans():  # the misaligned query reaches the attention kernel, or (quantised Q) the quantiser
+        return len(triton_launch.ATTN_FWD.plans) + len(triton_quantize.QUANT.plans)
+
+    before = plans()
+    out = quantized_attention(shifted, k, v, config=preset, backend="triton", enable_gqa=True)
+    assert plans() == before + 1
+    ref = quantized_attention(q, k, v, config=preset, backend="reference", enable_gqa=True)
+    # the same error against the reference as the aligned call's (the same arithmetic, other loads)
+    assert _rel_l1(out, ref) <= _rel_l1(first, ref) * 1.01 + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_launch_cache_follows_a_growing_decode_cache():
+    """Decode steps over a cache one token longer each time reuse one plan (length and batch/head strides vary)."""
+    q, k, v = _inputs(2, 8, 2, 1, 160, 128, torch.bfloat16, seed=12)
+    start = triton_launch.DECODE_SPLIT.hits
+    for length in (128, 129, 130, 151):
+        kl, vl = (t[:, :, :length] for t in (k, v))
+        out, lse, ref, ref_lse = _both(q, kl, vl, config="kv-int8")
+        assert _rel_l1(out, ref) < REL_L1_16BIT
+        torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16)
+    assert triton_launch.DECODE_SPLIT.hits >= start + 2

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..base import AttentionCall
+from .fastlaunch import LaunchCache
 from .operands import KernelOperand
 from .tiles import cast, dot_operand, load_codes, load_dequant, row_scale, to_fp8
 from .tuning import attention_configs, prune_attention_configs
@@ -242,6 +243,9 @@ def _q_dot_mean(
     tl.store(ptr, qm, mask=m_valid[:, None] & g_valid[None, :])
 
 
+Q_DOT_MEAN = LaunchCache(_q_dot_mean)
+
+
 def q_dot_mean(q: KernelOperand, k: KernelOperand, call: AttentionCall) -> torch.Tensor:
     """[B, Hq, NBk, Sq] float32: each query's dot with each K block mean (dequantised Q)."""
     nbk = k.mean.shape[2]
@@ -249,7 +253,7 @@ def q_dot_mean(q: KernelOperand, k: KernelOperand, call: AttentionCall) -> torch
     block_m, block_g = 64, 32
     d_pad = max(16, triton.next_power_of_2(call.head_dim))
     grid = (call.batch * call.q_heads, triton.cdiv(nbk, block_g), triton.cdiv(call.q_len, block_m))
-    _q_dot_mean[grid](
+    Q_DOT_MEAN(grid,
         q.data, q.scale, *q.data_strides, *q.scale_strides[:3], q.group,
         k.mean, *k.mean_strides,
         qm, *qm.stride()[:3],

@@ -12,6 +12,7 @@ from ...quant import QuantizedTensor
 from ..base import AttentionCall
 from .attention import _attn_fwd, q_dot_mean
 from .decode import _decode_merge, _decode_split
+from .fastlaunch import LaunchCache
 from .operands import MODE_BLOCK, KernelOperand
 from .tuning import bucket, decode_splits, interpreting
 
@@ -25,6 +26,18 @@ DECODE_INT4_PHASES = 4
 # Decode turns int8 codes into floats by their bits under a float's mantissa (False: int-to-float conversions).
 DECODE_CODES_BY_BITS = True
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+ATTN_FWD = LaunchCache(_attn_fwd)
+# A decode cache grows by a token a step: its length and the strides over batch and heads (of its codes, scales,
+# means and mask) change; the codes' strides are checked for word alignment by the int4 path's heuristic.
+DECODE_SPLIT = LaunchCache(
+    _decode_split,
+    varying=(
+        *("SK", "sks_b", "sks_h", "skm_b", "skm_h", "svs_b", "svs_h", "svm_b", "svm_h"),
+        *("smk_b", "smk_h", "smk_q"),
+    ),
+    varying_mod16=("sk_b", "sk_h", "sv_b", "sv_h"),
+)
+DECODE_MERGE = LaunchCache(_decode_merge)
 
 
 def poisoning() -> bool:
@@ -99,7 +112,7 @@ def run_attention(
         tiles = triton.cdiv(sq, meta["BLOCK_M"])
         return (b * hq, tiles) if bh_first else (tiles, b * hq)
 
-    _attn_fwd[grid](
+    ATTN_FWD(grid,
         *operands, qm, *qm_strides, *mask_args, out, *out.stride(), lse, *lse.stride(),
         sq, sk, hq, call.groups, call.head_dim, dv, call.scale, fill, bucket(sq), bucket(sk),
         QK_INT8=qk_int8, PV_FP8=pv_fp8, BH_FIRST=bh_first, **consts,
@@ -116,13 +129,13 @@ def _run_decode(operands: tuple, mask_args: tuple, out: torch.Tensor, lse: torch
     part_out = _empty((rows * splits, dv_pad), torch.float32, out.device)
     part_lse = _empty((rows * splits,), torch.float32, out.device)
     r_pad = max(16, triton.next_power_of_2(call.groups * sq))
-    _decode_split[(b * hkv, splits)](
+    DECODE_SPLIT((b * hkv, splits),
         *operands, *mask_args, part_out, part_lse,
         sq, sk, hq, hkv, call.groups, call.head_dim, call.head_dim_v, call.scale, splits, bucket(sk),
         R_PAD=r_pad, TRANSPOSED_QK=DECODE_TRANSPOSED_QK, PHASES=DECODE_INT4_PHASES, CODES_BY_BITS=DECODE_CODES_BY_BITS,
         **consts,
     )  # fmt: skip
-    _decode_merge[(rows,)](
+    DECODE_MERGE((rows,),
         part_out, part_lse, out, *out.stride(), lse, *lse.stride(), sq, hq, call.head_dim_v, splits, fill,
         S_PAD=max(2, triton.next_power_of_2(splits)), DV_PAD=dv_pad, INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastlaunch import LaunchCache
 from .tiles import cast
 from .tuning import interpreting
 
@@ -55,6 +56,9 @@ def _rms_norm_rope(
         y = y * cos + rotated * sin
     o_ptr = Out + (b * so_b + s * so_s + h * so_h)[:, None] + cols[None, :] * so_d
     tl.store(o_ptr, cast(y, DTYPE, INTERPRET), mask=mask)
+
+
+NORM_ROPE = LaunchCache(_rms_norm_rope)
 
 
 def rms_norm_rope(
@@ -100,7 +104,7 @@ def rms_norm_rope(
     rope = cos is not None
     cs = cos if rope else x
     sn = sin if rope else x
-    _rms_norm_rope[(triton.cdiv(rows, ROWS),)](
+    NORM_ROPE((triton.cdiv(rows, ROWS),),
         x, weight if weight is not None else x, cs, sn, out,
         rows, seq, heads, dim, float(eps),
         *x.stride(), *out.stride(), *(cs.stride()[:2] if rope else (0, 0)), *(sn.stride()[:2] if rope else (0, 0)),

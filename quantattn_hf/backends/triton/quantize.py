@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ...config import OperandQuant
 from ...quant import STORAGE_DTYPES, SYMMETRIC_QMAX, TINY, QuantizedTensor, effective_block, num_blocks, quantize
+from .fastlaunch import LaunchCache
 from .tiles import rint, to_fp8
 from .tuning import interpreting
 
@@ -150,6 +151,9 @@ def _grid(tiles: int, heads: int) -> tuple[int, int]:
     return (heads, tiles) if heads > MAX_GRID_Y else (tiles, heads)
 
 
+QUANT = LaunchCache(_quant_kernel)
+
+
 def fused_supported(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
     """Whether the fused kernel implements this spec (else `quant.quantize` serves it)."""
     if spec.strategy != "symmetric" or spec.mode == "tensor" or spec.precision not in PREC_CODES:
@@ -190,7 +194,7 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
         rows = max(1, min(64, TILE_ELEMENTS // 4 // d_pad))
         scale = torch.empty((b, h, s, 1), device=dev, dtype=torch.float32)
         grid = _grid(triton.cdiv(s, rows), b * h)
-        _quant_kernel[grid](
+        QUANT(grid,
             x, data, scale, scale, scale, s, d, h, 1, 1, *x_strides, *o_strides, s, 1, 0, 0, 0,
             ROWS=rows, SUB_MEAN=False, STAGE=STAGE_FULL, num_warps=4, **common,
         )  # fmt: skip
@@ -206,7 +210,7 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     if t_pad * d_pad <= TILE_ELEMENTS:
         grid = _grid(nb, b * h)
         warps = 8 if t_pad * d_pad > 8192 else 4
-        _quant_kernel[grid](
+        QUANT(grid,
             x, data, scale, mean_arg, scale, s, d, h, t, 1, *x_strides, *o_strides, *s_strides, nb * d, d,
             ROWS=t_pad, SUB_MEAN=spec.subtract_mean, STAGE=STAGE_FULL, num_warps=warps, **common,
         )  # fmt: skip
@@ -216,13 +220,13 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     partial = torch.empty((b, h, nb, cpg, dg), device=dev, dtype=torch.float32)
     grid = _grid(nb * cpg, b * h)
     args = (s, d, h, t, cpg, *x_strides, *o_strides, *s_strides, 0, 0)
-    _quant_kernel[grid](
+    QUANT(grid,
         x, data, scale, scale, partial, *args,
         ROWS=rows, SUB_MEAN=False, STAGE=STAGE_PARTIAL_AMAX, num_warps=8, **common,
     )  # fmt: skip
     amax = partial.amax(dim=3)
     scale.copy_(torch.where(torch.isfinite(amax), amax.clamp_min(TINY) / qmax, float("nan")))
-    _quant_kernel[grid](
+    QUANT(grid,
         x, data, scale, scale, scale, *args, ROWS=rows, SUB_MEAN=False, STAGE=STAGE_APPLY, num_warps=8, **common
     )  # fmt: skip
     return QuantizedTensor(data, scale, None, None, spec, (b, h, s, d), x.dtype, strategy_version)
