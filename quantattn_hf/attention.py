@@ -14,7 +14,7 @@ import torch
 
 from .backends import DEVICE_DEFAULTS, AttentionCall, Backend, get_backend, select_backend
 from .config import OperandQuant, QuantConfig, resolve_config
-from .quant import QuantizedTensor, StaticQuant, quantize
+from .quant import QuantizedTensor, StaticQuant
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("BHSD", "BSHD")
@@ -258,9 +258,9 @@ def _held_shape(data: torch.Tensor, spec: OperandQuant) -> tuple[int, int, int, 
 def _quantize_operand(
     impl: Backend, x: torch.Tensor, spec: OperandQuant, version: int, static: StaticQuant | None
 ) -> QuantizedTensor:
-    """The backend's quantiser, or the elementwise static-scale path of quant.quantize."""
+    """The backend's quantiser, with the calibrated statistics where there are some."""
     if static is not None and spec.quantized:
-        return quantize(x, spec, version, static)
+        return impl.quantize_static(x, spec, version, static)
     return impl.quantize(x, spec, version)
 
 

@@ -187,7 +187,7 @@ class StaticQuant:
     zero_point: torch.Tensor | None = None
 
 
-def _static_stat(stat: torch.Tensor | None, name: str, target: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+def static_stat(stat: torch.Tensor | None, name: str, target: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
     """A calibrated statistic checked and expanded to the compact group shape `target`."""
     if stat is None:
         raise ValueError(f"static {name}: missing, the spec needs it")
@@ -203,15 +203,15 @@ def _quantize_static(x: torch.Tensor, spec: OperandQuant, static: StaticQuant, v
     """Quantise with calibrated scale (and zero point): no max reduction; block means as `quantize` takes them."""
     d, s = x.shape[3], x.shape[2]
     target = group_shape(tuple(x.shape), spec)
-    scale = _static_stat(static.scale, "scale", target, x)
-    zero = _static_stat(static.zero_point, "zero_point", target, x) if spec.strategy == "asymmetric" else None
+    scale = static_stat(static.scale, "scale", target, x)
+    zero = static_stat(static.zero_point, "zero_point", target, x) if spec.strategy == "asymmetric" else None
     xf = x.to(torch.float32)
     mean = None
     if spec.subtract_mean:
         if static.mean is None:
             mean = block_mean(xf, spec.block_size)
         else:
-            mean = _static_stat(static.mean, "mean", target[:3] + (d,), x)
+            mean = static_stat(static.mean, "mean", target[:3] + (d,), x)
         xf = xf - _expand(mean, spec, s)
     full_scale = _expand(scale, spec, s)
     if zero is not None:

@@ -112,6 +112,53 @@ def test_fused_quantiser_matches_quant_quantize(spec, dtype):
         torch.testing.assert_close(got.mean, want.mean, rtol=1e-6, atol=1e-6)
 
 
+STATIC_SPECS = [spec for spec in QUANTISER_SPECS if spec.mode in ("channel", "block")]
+
+
+def _static_for(x, spec, ratio=0.8):
+    """A calibrated-like static scale: `ratio` of the measured residual range per head (and channel), so values clip."""
+    qmax = {"int8": 127.0, "int4": 7.0, "fp8_e4m3": 448.0}[spec.precision]
+    residual = block_residual(x, spec.block_size) if spec.subtract_mean else x.float()
+    dims = (0, 2) if spec.mode == "channel" else (0, 2, 3)
+    return StaticQuant(ratio * residual.abs().amax(dim=dims, keepdim=True) / qmax)
+
+
+@pytest.mark.parametrize("spec", STATIC_SPECS, ids=repr)
+def test_fused_static_quantiser_matches_quant_quantize(spec, monkeypatch):
+    """Calibrated scales through the fused kernel (block means measured in the same pass) against quant.quantize."""
+    x = (torch.randn(2, 3, 150, 40, generator=torch.Generator().manual_seed(5)) * 3 + 1).to(DEVICE, torch.bfloat16)
+    static = _static_for(x, spec)
+    want = quantize(x, spec, static=static)
+    with monkeypatch.context() as m:  # the fused kernel, not the fallback, serves these specs
+        m.setattr(triton_quantize, "quantize", lambda *a, **k: pytest.fail("fell back to quant.quantize"))
+        got = BACKEND.quantize_static(x, spec, 1, static)
+    for name in ("data", "scale", "mean"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None) and (b is None or (a.shape == b.shape and a.dtype == b.dtype)), name
+    diff = _code_diff(got, want)
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= CODE_MISMATCH  # as the dynamic quantiser (see above)
+    assert torch.equal(got.scale, want.scale)
+    if want.mean is not None:
+        torch.testing.assert_close(got.mean, want.mean, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_static_quantiser_poisons_non_finite_groups_in_its_own_copy():
+    """NaN/Inf inputs give their groups NaN scales as quant.quantize's static path does; the caller's scale stays."""
+    spec = OperandQuant("int8", mode="channel", block_size=64, subtract_mean=True)
+    x = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.float16)
+    full = _static_for(x, spec).scale.contiguous()  # one block of one batch: already the group shape, no copy made
+    x[0, 0, 5, 3] = float("nan")
+    x[0, 1, 40, 1] = float("-inf")
+    assert full.shape == (1, 2, 1, 32)
+    kept = full.clone()
+    got, want = BACKEND.quantize_static(x, spec, 1, StaticQuant(full)), quantize(x, spec, static=StaticQuant(full))
+    assert torch.equal(got.scale.isnan(), want.scale.isnan()) and got.scale.isnan().sum() == 2
+    assert torch.equal(full, kept)
+    finite = ~want.scale.isnan()
+    assert torch.equal(got.scale[finite], want.scale[finite])
+    assert torch.equal(got.dequantize(torch.float32).isnan(), want.dequantize(torch.float32).isnan())
+
+
 def test_fused_quantiser_large_groups_two_pass(monkeypatch):
     """Groups larger than one tile go through the partial-amax pass; same numbers."""
     monkeypatch.setattr(triton_quantize, "TILE_ELEMENTS", 256)

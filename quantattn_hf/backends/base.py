@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import OperandQuant, QuantConfig
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, StaticQuant, quantize
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class Backend(ABC):
     @abstractmethod
     def quantize(self, x: torch.Tensor, spec: OperandQuant, strategy_version: int = 1) -> QuantizedTensor:
         """Quantise a [B, H, S, D] tensor exactly as `quant.quantize` defines."""
+
+    def quantize_static(
+        self, x: torch.Tensor, spec: OperandQuant, strategy_version: int, static: StaticQuant
+    ) -> QuantizedTensor:
+        """Quantise with calibrated statistics, as `quant.quantize(..., static=...)` defines (backends may fuse it)."""
+        return quantize(x, spec, strategy_version, static)
 
     @abstractmethod
     def attention(

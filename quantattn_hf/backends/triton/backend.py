@@ -9,7 +9,7 @@ import os
 import torch
 
 from ...config import OperandQuant
-from ...quant import QuantizedTensor
+from ...quant import QuantizedTensor, StaticQuant
 from ..base import AttentionCall, Backend
 from ..reference import fully_masked_value
 
@@ -50,6 +50,13 @@ class TritonBackend(Backend):
         from .quantize import quantize_fused
 
         return quantize_fused(x, spec, strategy_version)
+
+    def quantize_static(
+        self, x: torch.Tensor, spec: OperandQuant, strategy_version: int, static: StaticQuant
+    ) -> QuantizedTensor:
+        from .quantize import quantize_static_fused
+
+        return quantize_static_fused(x, spec, strategy_version, static)
 
     def attention(
         self, q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall

@@ -11,7 +11,18 @@ import triton
 import triton.language as tl
 
 from ...config import OperandQuant
-from ...quant import STORAGE_DTYPES, SYMMETRIC_QMAX, TINY, QuantizedTensor, effective_block, num_blocks, quantize
+from ...quant import (
+    STORAGE_DTYPES,
+    SYMMETRIC_QMAX,
+    TINY,
+    QuantizedTensor,
+    StaticQuant,
+    effective_block,
+    group_shape,
+    num_blocks,
+    quantize,
+    static_stat,
+)
 from .fastlaunch import LaunchCache
 from .tiles import rint, to_fp8
 from .tuning import interpreting
@@ -57,6 +68,7 @@ def _quant_kernel(
     PREC: tl.constexpr,
     SUB_MEAN: tl.constexpr,
     STAGE: tl.constexpr,
+    POISON: tl.constexpr,
     QMAX: tl.constexpr,
     BH_FIRST: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -85,6 +97,8 @@ def _quant_kernel(
     x_ptrs = X + b * sx_b + h * sx_h + rows.to(tl.int64)[:, None] * sx_s + cols[None, :] * sx_d
     x = tl.load(x_ptrs, mask=m2, other=0.0).to(tl.float32)
     stat_base = bh * ss_bh + g.to(tl.int64) * ss_g
+    if POISON:  # given scales: a group holding a non-finite input gets a NaN scale, as a measured one would
+        hit = tl.where(m2 & ~((x == x) & (tl.abs(x) < float("inf"))), 1, 0)
     if SUB_MEAN:
         count = (end - start).to(tl.float32)
         mean = tl.sum(x, axis=0) / count
@@ -93,8 +107,14 @@ def _quant_kernel(
     if STAGE == 2:
         if MODE == 3:
             scale = tl.load(Scale + stat_base + cols * ss_d, mask=cmask, other=1.0)[None, :]
+            if POISON:
+                scale = tl.where(tl.max(hit, axis=0)[None, :] > 0, float("nan"), scale)
+                tl.store(Scale + stat_base + cols[None, :] * ss_d, scale, mask=cmask[None, :])
         else:
             scale = tl.load(Scale + stat_base)
+            if POISON:
+                scale = tl.where(tl.max(tl.max(hit, axis=1), axis=0) > 0, float("nan"), scale)
+                tl.store(Scale + stat_base, scale)
     else:
         mag = tl.where(x == x, tl.abs(x), float("inf"))
         mag = tl.where(m2, mag, 0.0)
@@ -164,6 +184,65 @@ def fused_supported(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
     return True
 
 
+def _codes_buffer(x: torch.Tensor, spec: OperandQuant) -> torch.Tensor:
+    """Storage for the codes of x [B, H, S, D] (INT4 packed two a byte along D)."""
+    b, h, s, d = x.shape
+    if spec.precision == "fp8_e4m3" and spec.mode == "channel":
+        # Token-contiguous storage (a transposed view, padded to 16 tokens): the FP8 P·V dot reads V K-major.
+        s_pad = triton.cdiv(s, 16) * 16
+        return torch.empty((b, h, d, s_pad), device=x.device, dtype=torch.float8_e4m3fn)[..., :s].transpose(2, 3)
+    data_d = d // 2 if spec.precision == "int4" else d
+    return torch.empty((b, h, s, data_d), device=x.device, dtype=STORAGE_DTYPES[spec.precision])
+
+
+def _launch_constants(x: torch.Tensor, spec: OperandQuant, poison: bool) -> dict:
+    """The kernel's compile-time arguments shared by every launch for this operand."""
+    b, h, _, d = x.shape
+    return dict(
+        POISON=poison,
+        INTERPRET=interpreting(),
+        BH_FIRST=b * h > MAX_GRID_Y,
+        D_PAD=max(triton.next_power_of_2(d), 2),
+        MODE=MODE_CODES[spec.mode],
+        PREC=PREC_CODES[spec.precision],
+        QMAX=SYMMETRIC_QMAX[spec.precision],
+    )
+
+
+def quantize_static_fused(
+    x: torch.Tensor, spec: OperandQuant, strategy_version: int, static: StaticQuant
+) -> QuantizedTensor:
+    """`quant.quantize(x, spec, static=...)` in one pass: each block's mean measured, the calibrated scales applied.
+
+    Served: symmetric channel/block modes whose block fits one tile, with block means measured at run time (the
+    calibration schema 3 form); others (a calibrated mean, zero points, row/tensor modes) go to `quant.quantize`.
+    """
+    b, h, s, d = x.shape
+    fused = spec.mode in ("channel", "block") and spec.strategy == "symmetric" and static.mean is None
+    t = effective_block(s, spec.block_size) if s else 0
+    d_pad = max(triton.next_power_of_2(d), 2)
+    if not (spec.quantized and fused and s and spec.precision in PREC_CODES) or (
+        triton.next_power_of_2(t) * d_pad > TILE_ELEMENTS
+    ):
+        return quantize(x, spec, strategy_version, static)
+    scale = static_stat(static.scale, "scale", group_shape(tuple(x.shape), spec), x)
+    if scale.data_ptr() == static.scale.data_ptr():  # the kernel writes NaN into poisoned groups: never the caller's
+        scale = scale.clone()
+    nb = scale.shape[2]
+    dg = scale.shape[3]
+    data = _codes_buffer(x, spec)
+    mean = torch.empty((b, h, nb, d), device=x.device, dtype=torch.float32) if spec.subtract_mean else None
+    t_pad = triton.next_power_of_2(t)
+    QUANT(
+        _grid(nb, b * h),
+        x, data, scale, mean if mean is not None else scale, scale, s, d, h, t, 1, *x.stride(), *data.stride(),
+        nb * dg, dg, 1 if spec.mode == "channel" else 0, nb * d, d,
+        ROWS=t_pad, SUB_MEAN=spec.subtract_mean, STAGE=STAGE_APPLY, num_warps=8 if t_pad * d_pad > 8192 else 4,
+        **_launch_constants(x, spec, poison=True),
+    )  # fmt: skip
+    return QuantizedTensor(data, scale, None, mean, spec, (b, h, s, d), x.dtype, strategy_version)
+
+
 def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 1) -> QuantizedTensor:
     """`quant.quantize` through one Triton pass per tile (two for groups larger than a tile)."""
     b, h, s, d = x.shape
@@ -171,23 +250,9 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
         return quantize(x, spec, strategy_version)
     dev = x.device
     d_pad = max(triton.next_power_of_2(d), 2)
-    mode = MODE_CODES[spec.mode]
-    data_d = d // 2 if spec.precision == "int4" else d
-    if spec.precision == "fp8_e4m3" and spec.mode == "channel":
-        # Token-contiguous storage (a transposed view, padded to 16 tokens): the FP8 P·V dot reads V K-major.
-        s_pad = triton.cdiv(s, 16) * 16
-        data = torch.empty((b, h, d, s_pad), device=dev, dtype=torch.float8_e4m3fn)[..., :s].transpose(2, 3)
-    else:
-        data = torch.empty((b, h, s, data_d), device=dev, dtype=STORAGE_DTYPES[spec.precision])
+    data = _codes_buffer(x, spec)
     qmax = SYMMETRIC_QMAX[spec.precision]
-    common = dict(
-        INTERPRET=interpreting(),
-        BH_FIRST=b * h > MAX_GRID_Y,
-        D_PAD=d_pad,
-        MODE=mode,
-        PREC=PREC_CODES[spec.precision],
-        QMAX=qmax,
-    )
+    common = _launch_constants(x, spec, poison=False)
     x_strides = x.stride()
     o_strides = data.stride()
     if spec.mode == "row":
