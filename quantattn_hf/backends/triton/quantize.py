@@ -178,10 +178,13 @@ def fused_supported(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
     """Whether the fused kernel implements this spec (else `quant.quantize` serves it)."""
     if spec.strategy != "symmetric" or spec.mode == "tensor" or spec.precision not in PREC_CODES:
         return False
-    if spec.subtract_mean:
-        t = effective_block(seq_len, spec.block_size)
-        return triton.next_power_of_2(t) * triton.next_power_of_2(head_dim) <= TILE_ELEMENTS
-    return True
+    return not spec.subtract_mean or _fits_one_tile(spec, seq_len, head_dim)
+
+
+def _fits_one_tile(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
+    """Whether one statistic block of this spec fits one program's tile (else two passes, or no fused path)."""
+    t = effective_block(seq_len, spec.block_size)
+    return triton.next_power_of_2(t) * max(triton.next_power_of_2(head_dim), 2) <= TILE_ELEMENTS
 
 
 def _codes_buffer(x: torch.Tensor, spec: OperandQuant) -> torch.Tensor:
@@ -209,6 +212,30 @@ def _launch_constants(x: torch.Tensor, spec: OperandQuant, poison: bool) -> dict
     )
 
 
+def _block_pass(
+    x: torch.Tensor,
+    spec: OperandQuant,
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor | None,
+    stage: int,
+    poison: bool,
+) -> None:
+    """One program per statistic block of each B·H: the block mean (with `subtract_mean`), then the codes, with the
+    scale measured into `scale` (STAGE_FULL) or read from it (STAGE_APPLY, `poison` NaN-ing non-finite groups)."""
+    b, h, s, d = x.shape
+    nb, dg = scale.shape[2], scale.shape[3]
+    t = effective_block(s, spec.block_size)
+    t_pad = triton.next_power_of_2(t)
+    warps = 8 if t_pad * max(triton.next_power_of_2(d), 2) > 8192 else 4
+    QUANT(
+        _grid(nb, b * h),
+        x, data, scale, mean if mean is not None else scale, scale, s, d, h, t, 1, *x.stride(), *data.stride(),
+        nb * dg, dg, 1 if spec.mode == "channel" else 0, nb * d, d,
+        ROWS=t_pad, SUB_MEAN=spec.subtract_mean, STAGE=stage, num_warps=warps, **_launch_constants(x, spec, poison),
+    )  # fmt: skip
+
+
 def quantize_static_fused(
     x: torch.Tensor, spec: OperandQuant, strategy_version: int, static: StaticQuant
 ) -> QuantizedTensor:
@@ -218,28 +245,16 @@ def quantize_static_fused(
     calibration schema 3 form); others (a calibrated mean, zero points, row/tensor modes) go to `quant.quantize`.
     """
     b, h, s, d = x.shape
-    fused = spec.mode in ("channel", "block") and spec.strategy == "symmetric" and static.mean is None
-    t = effective_block(s, spec.block_size) if s else 0
-    d_pad = max(triton.next_power_of_2(d), 2)
-    if not (spec.quantized and fused and s and spec.precision in PREC_CODES) or (
-        triton.next_power_of_2(t) * d_pad > TILE_ELEMENTS
-    ):
+    served = spec.quantized and s > 0 and spec.mode != "row" and static.mean is None
+    if not (served and fused_supported(spec, s, d) and _fits_one_tile(spec, s, d)):
         return quantize(x, spec, strategy_version, static)
     scale = static_stat(static.scale, "scale", group_shape(tuple(x.shape), spec), x)
     if scale.data_ptr() == static.scale.data_ptr():  # the kernel writes NaN into poisoned groups: never the caller's
         scale = scale.clone()
-    nb = scale.shape[2]
-    dg = scale.shape[3]
     data = _codes_buffer(x, spec)
+    nb = scale.shape[2]
     mean = torch.empty((b, h, nb, d), device=x.device, dtype=torch.float32) if spec.subtract_mean else None
-    t_pad = triton.next_power_of_2(t)
-    QUANT(
-        _grid(nb, b * h),
-        x, data, scale, mean if mean is not None else scale, scale, s, d, h, t, 1, *x.stride(), *data.stride(),
-        nb * dg, dg, 1 if spec.mode == "channel" else 0, nb * d, d,
-        ROWS=t_pad, SUB_MEAN=spec.subtract_mean, STAGE=STAGE_APPLY, num_warps=8 if t_pad * d_pad > 8192 else 4,
-        **_launch_constants(x, spec, poison=True),
-    )  # fmt: skip
+    _block_pass(x, spec, data, scale, mean, STAGE_APPLY, poison=True)
     return QuantizedTensor(data, scale, None, mean, spec, (b, h, s, d), x.dtype, strategy_version)
 
 
@@ -268,18 +283,11 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     nb = num_blocks(s, spec.block_size)
     dg = d if spec.mode == "channel" else 1
     scale = torch.empty((b, h, nb, dg), device=dev, dtype=torch.float32)
-    mean = torch.empty((b, h, nb, d), device=dev, dtype=torch.float32) if spec.subtract_mean else None
-    mean_arg = mean if mean is not None else scale
-    s_strides = (nb * dg, dg, 1 if spec.mode == "channel" else 0)
-    t_pad = triton.next_power_of_2(t)
-    if t_pad * d_pad <= TILE_ELEMENTS:
-        grid = _grid(nb, b * h)
-        warps = 8 if t_pad * d_pad > 8192 else 4
-        QUANT(grid,
-            x, data, scale, mean_arg, scale, s, d, h, t, 1, *x_strides, *o_strides, *s_strides, nb * d, d,
-            ROWS=t_pad, SUB_MEAN=spec.subtract_mean, STAGE=STAGE_FULL, num_warps=warps, **common,
-        )  # fmt: skip
+    if _fits_one_tile(spec, s, d):
+        mean = torch.empty((b, h, nb, d), device=dev, dtype=torch.float32) if spec.subtract_mean else None
+        _block_pass(x, spec, data, scale, mean, STAGE_FULL, poison=False)
         return QuantizedTensor(data, scale, None, mean, spec, (b, h, s, d), x.dtype, strategy_version)
+    s_strides = (nb * dg, dg, 1 if spec.mode == "channel" else 0)
     rows = max(1, min(256, TILE_ELEMENTS // 2 // d_pad))
     cpg = triton.cdiv(t, rows)
     partial = torch.empty((b, h, nb, cpg, dg), device=dev, dtype=torch.float32)
