@@ -190,10 +190,7 @@ def _decode_split(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if V_PHASES > 0:
-            v_scale = tl.load(Vs + vs_base + offs_n.to(tl.int64) * svs_g, mask=n_valid, other=0.0)
-            v_max = tl.max(v_scale, axis=0)
-            v_max = tl.where(v_max > 0.0, v_max, 1.0)
-            pr = dot_operand(p * (v_scale / v_max)[None, :], PV_DTYPE, INTERPRET)
+            pr, v_max = fold_v_scales(p, Vs, vs_base, offs_n, n_valid, svs_g, PV_DTYPE, INTERPRET)
             words = load_words(V, v_base, offs_n, n_valid, sv_s, DV_PAD // V_PHASES, V_PHASES)
             # codes = CODE_UNIT * (x - CODE_OFFSET) for the exact 16-bit x of nibble_phase: P'·codes is
             # CODE_UNIT * (P'·x less CODE_OFFSET * rowsum(P')), the row sums kept in p_off (rescaled like acc).
@@ -213,12 +210,7 @@ def _decode_split(
                 PV_DTYPE,
                 INTERPRET,
             )
-            # P·V' = (P·diag(scale))·codes: V's per-token scales go onto P (over the tile's largest, so that the
-            # scaled P keeps P's range in fp16) instead of onto the [BLOCK_N, DV] value tile.
-            v_scale = tl.load(Vs + vs_base + offs_n.to(tl.int64) * svs_g, mask=n_valid, other=0.0)
-            v_max = tl.max(v_scale, axis=0)
-            v_max = tl.where(v_max > 0.0, v_max, 1.0)
-            pr = dot_operand(p * (v_scale / v_max)[None, :], PV_DTYPE, INTERPRET)
+            pr, v_max = fold_v_scales(p, Vs, vs_base, offs_n, n_valid, svs_g, PV_DTYPE, INTERPRET)
             acc = acc + tl.dot(pr, v) * v_max
         else:
             acc = acc * alpha[:, None]
@@ -279,6 +271,19 @@ def fold_k_group(
         mean = tl.load(Km + km_off + offs_d * skm_d, mask=d_valid, other=0.0)
         bias = tl.sum(q * mean[None, :], axis=1)
     return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale, DTYPE, INTERPRET), bias
+
+
+@triton.jit
+def fold_v_scales(p, Vs, vs_base, offs_n, n_valid, svs_g, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """(P·diag(scale) / max scale as a dot operand, max scale) for V's per-token scales of this key tile.
+
+    P·V' = (P·diag(scale))·codes: the scales go onto P (over the tile's largest, so that the scaled P keeps P's
+    range in fp16) instead of onto the [BLOCK_N, DV] value tile; the caller multiplies the dot by the max.
+    """
+    v_scale = tl.load(Vs + vs_base + offs_n.to(tl.int64) * svs_g, mask=n_valid, other=0.0)
+    v_max = tl.max(v_scale, axis=0)
+    v_max = tl.where(v_max > 0.0, v_max, 1.0)
+    return dot_operand(p * (v_scale / v_max)[None, :], DTYPE, INTERPRET), v_max
 
 
 @triton.jit
