@@ -28,6 +28,7 @@ from quantattn_hf.backends.base import AttentionCall
 from quantattn_hf.backends.reference import ReferenceBackend
 from quantattn_hf.backends.triton import TritonBackend
 from quantattn_hf.backends.triton import launch as triton_launch
+from quantattn_hf.backends.triton.fastlaunch import LaunchCache
 from quantattn_hf.config import PRESETS, QuantConfig
 
 PREFILL_SHAPES = [  # (B, H, N, D, causal)
@@ -289,25 +290,34 @@ def profile_once(presets: list[str]) -> None:
 
 
 def profile_host(presets: list[str]) -> None:
-    """Host time of eager `quantized_attention` calls at the Flux shape, and cProfile's top functions per preset."""
+    """Host time of eager `quantized_attention` calls at the Flux shape, launch plans off and on side by side, and
+    cProfile's top functions (launch plans on) per preset."""
     import cProfile
     import pstats
 
     q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for preset in presets:
-        for _ in range(3):
-            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
-        host_ms = (time.perf_counter() - start) / 20 * 1000
-        torch.cuda.synchronize()
-        print(f"\n{preset}: {host_ms:.3f} ms of host time per call (no sync)")
+
+        def calls(n: int, preset: str = preset) -> None:
+            for _ in range(n):
+                quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
+
+        host_ms = {}
+        for plans in (False, True):
+            LaunchCache.enabled = plans
+            calls(3)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            calls(20)
+            host_ms[plans] = (time.perf_counter() - start) / 20 * 1000
+            torch.cuda.synchronize()
+        print(
+            f"\n{preset}: ms of host time per call (no sync): launch plans off {host_ms[False]:.3f}, "
+            f"on {host_ms[True]:.3f}"
+        )
         profiler = cProfile.Profile()
         profiler.enable()
-        for _ in range(20):
-            quantized_attention(q, k, v, config=preset, backend="triton", layout="BSHD")
+        calls(20)
         profiler.disable()
         torch.cuda.synchronize()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
