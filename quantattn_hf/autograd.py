@@ -4,7 +4,9 @@
 K/V. `quantattn::attention_train` runs the same forward and also returns the held Q, K and V
 (codes, scales, zero points, means); its autograd saves those, the output and the lse, never
 the full-precision K/V. `quantattn::attention_bwd` is the backward (straight-through estimator
-for every quantisation, P's included): Triton on CUDA, the reference elsewhere. Both are custom
+for every quantisation, P's included): on CUDA cuDNN's backward over operands dequantised by a Triton kernel
+where cuDNN serves the call (`backends/cudnn_backward.py`), else the Triton backward kernels; the reference
+elsewhere. Both are custom
 ops with fake implementations, so torch.compile traces forward and backward.
 `quantattn::attention_held_kv` (pre-quantised K/V) gets a backward for the query here too.
 `quantized_attention` calls `torch.ops.quantattn.attention_train` when autograd records and Q, K
@@ -157,17 +159,20 @@ def _attention_bwd_fake(
     return dq, grad_out.new_empty(_held_shape(k_data, config.k)), grad_out.new_empty(_held_shape(v_data, config.v))
 
 
-def _backward_backend(name: str, device: torch.device, call: AttentionCall):
-    """The Triton backward module where it can serve this call, else None (the reference)."""
+def _backward_backend(name: str, device: torch.device, call: AttentionCall, grad_lse: torch.Tensor | None):
+    """The backward kernels that serve this call: cuDNN's over dequantised operands where it can (CUDA), else
+    the Triton ones, else None (the reference)."""
     name = name or DEVICE_DEFAULTS.get(device.type, "reference")
     if name == "reference":
         return None
     if name == "triton":
         reason = "triton cannot be imported"
         try:
-            from .backends import triton_backward
+            from .backends import cudnn_backward, triton_backward
         except ImportError:
-            triton_backward = None
+            cudnn_backward = triton_backward = None
+        if cudnn_backward is not None and cudnn_backward.unsupported_reason(call, grad_lse) is None:
+            return cudnn_backward
         if triton_backward is not None:
             reason = triton_backward.unsupported_reason(call)
             if reason is None:
@@ -196,11 +201,11 @@ def attention_backward(
     backend: str = "",
     need_dkv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) over held operands by the Triton kernels where they serve, else the reference.
+    """(dQ, dK, dV) over held operands by cuDNN's or the Triton kernels where they serve, else the reference.
 
-    Without `need_dkv`, dK and dV are empty (0,) tensors and only dQ is computed.
+    Without `need_dkv`, dK and dV are empty (0,) tensors (and only dQ is computed where the kernels allow).
     """
-    kernels = _backward_backend(backend, grad_out.device, call)
+    kernels = _backward_backend(backend, grad_out.device, call, grad_lse)
     if kernels is not None:
         return kernels.attention_backward(q, k, v, out, lse, grad_out, grad_lse, call, need_dkv)
     compute = torch.float64 if call.dtype == torch.float64 else torch.float32
@@ -223,6 +228,9 @@ def _setup_train(ctx, inputs, output) -> None:
     )
     ctx.save_for_backward(out, lse, *parts, attn_mask)
     ctx.args = (is_causal, scale, config_json, backend)
+    # outputs nobody used (the lse, the held parts) get None, not zeros: no zero tensors allocated, and a
+    # backward that takes no lse gradient (cuDNN's) can serve
+    ctx.set_materialize_grads(False)
 
 
 def _backward_train(ctx, grads):
@@ -243,6 +251,7 @@ def _setup_held(ctx, inputs, output) -> None:
     ctx.save_for_backward(out, lse, query, *kv, attn_mask, *q_static)
     ctx.args = (is_causal, scale, config_json, backend)
     ctx.n_static = len(q_static)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_held(ctx, grad_out, grad_lse):

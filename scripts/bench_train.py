@@ -2,10 +2,16 @@
 
 One Flux-sized attention layer (B=1, H=24, N=4608, D=128, bf16) and one Llama-sized layer (B=1, Hq=32,
 Hkv=8 GQA, N=4096, D=128, causal), side by side in one run. Per method: forward ms (with autograd
-recording), forward+backward ms, backward ms (the difference), bytes saved for backward (tensors
+recording), forward+backward ms, backward ms (timed alone, after an untimed forward), each per layer of a
+chain of `--chain` layers (default 4; each layer's output is the next one's query, so the host's work for one
+layer overlaps the GPU's for another as in a model), bytes saved for backward (tensors
 autograd keeps after the forward; Q, K, V come from a projection stand-in so that nothing else holds
-them) and, on CUDA, the peak memory of forward+backward above the inputs. `--tiny` runs small shapes
+them) and, on CUDA, the peak memory of forward+backward above the inputs, both of one layer. `--tiny` runs small shapes
 on the CPU as a smoke test.
+
+A preset may name its backward kernels after a slash: `kv-int8/triton` runs the Triton backward kernels,
+`kv-int8/2` cuDNN's backward in 2 head chunks (`QUANTATTN_CUDNN_BACKWARD`, set for that row only); a bare
+preset takes the default (cuDNN's backward with the chunk count of `backends/cudnn_backward.py` on CUDA).
 
     python scripts/bench_train.py --json out/bench_train.json
     python scripts/bench_train.py --tiny
@@ -14,7 +20,9 @@ on the CPU as a smoke test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,7 +39,7 @@ LAYERS = {  # name: (B, Hq, Hkv, N, D, causal)
     "llama": (1, 32, 8, 4096, 128, True),
 }
 TINY_LAYERS = {"flux": (1, 2, 2, 96, 64, False), "llama": (1, 4, 2, 80, 64, True)}
-DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8")
+DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8", "kv-int8/triton", "kv-int8/1")
 MIB = 1 << 20
 SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -55,6 +63,20 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def timed_backward(forward, dout: torch.Tensor, device: torch.device, warmup: int, reps: int) -> float:
+    """Median wall time in ms of the backward alone, each after a fresh forward that is not timed."""
+    times = []
+    for i in range(warmup + reps):
+        out = forward()
+        _sync(device)
+        start = time.perf_counter()
+        out.backward(dout)
+        _sync(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def attention_fn(method: str, causal: bool, backend: str | None):
     """(q, k, v) -> out for SDPA (default choice, or one of its kernels) or one quantattn-hf preset."""
     if method == "sdpa":
@@ -66,13 +88,39 @@ def attention_fn(method: str, causal: bool, backend: str | None):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
         return sdpa
+    preset = method.partition("/")[0]
     return lambda q, k, v: quantized_attention(
-        q, k, v, config=method, is_causal=causal, enable_gqa=True, backend=backend
+        q, k, v, config=preset, is_causal=causal, enable_gqa=True, backend=backend
     )
+
+
+@contextlib.contextmanager
+def backward_kernels(method: str):
+    """For `preset/triton` or `preset/n`, QUANTATTN_CUDNN_BACKWARD set to 0 or n while the row runs."""
+    choice = method.partition("/")[2]
+    if not choice:
+        yield
+        return
+    if choice != "triton" and not choice.isdigit():
+        raise ValueError(f"{method}: the backward after '/' is 'triton' or a chunk count")
+    old = os.environ.get("QUANTATTN_CUDNN_BACKWARD")
+    os.environ["QUANTATTN_CUDNN_BACKWARD"] = "0" if choice == "triton" else choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["QUANTATTN_CUDNN_BACKWARD"]
+        else:
+            os.environ["QUANTATTN_CUDNN_BACKWARD"] = old
 
 
 def run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> dict:
     """Time and memory of one method on one layer shape."""
+    with backward_kernels(method):
+        return _run_layer(method, shape, dtype, device, args)
+
+
+def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> dict:
     b, hq, hkv, n, d, causal = shape
     gen = torch.Generator(device=device).manual_seed(0)
     leaves = [
@@ -85,11 +133,21 @@ def run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devic
         # `x * 1` stands in for the Q/K/V projections: non-leaf tensors only the attention can keep alive
         return attn(*(x * 1 for x in leaves))
 
-    def forward_backward() -> None:
-        forward().backward(dout)
+    def chain() -> torch.Tensor:
+        # `--chain` layers, each one's output the next one's query: the host's work for one layer then
+        # overlaps the GPU's for another, as in a model, instead of every launch waiting on an idle GPU
+        q = leaves[0]
+        for _ in range(args.chain):
+            q = attn(q * 1, leaves[1] * 1, leaves[2] * 1)
+        return q
 
-    fwd_ms = timed(forward, device, args.warmup, args.reps)  # the training forward: records the graph
-    train_ms = timed(forward_backward, device, args.warmup, args.reps)
+    def forward_backward() -> None:
+        chain().backward(dout)
+
+    per_layer = 1.0 / args.chain
+    fwd_ms = timed(chain, device, args.warmup, args.reps) * per_layer  # the training forward: records the graph
+    train_ms = timed(forward_backward, device, args.warmup, args.reps) * per_layer
+    bwd_ms = timed_backward(chain, dout, device, args.warmup, args.reps) * per_layer
     for x in leaves:
         x.grad = None
 
@@ -117,7 +175,7 @@ def run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devic
         "method": method,
         "fwd_ms": fwd_ms,
         "fwd_bwd_ms": train_ms,
-        "bwd_ms": train_ms - fwd_ms,
+        "bwd_ms": bwd_ms,
         "saved_mib": saved_bytes / MIB,
         "peak_mib": peak,
     }
@@ -140,6 +198,9 @@ def main() -> None:
         "--sdpa-kernels",
         default=None,
         help="extra SDPA rows pinned to one kernel: sdpa-flash, sdpa-cudnn (default on CUDA: both; CPU: none)",
+    )
+    parser.add_argument(
+        "--chain", type=int, default=4, help="times are per layer of a chain of this many layers (memory: one layer)"
     )
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)

@@ -226,3 +226,18 @@ def test_no_grad_and_detached_inputs_take_the_plain_op(gen):
         out = quantized_attention(q, k, v)
     assert out.grad_fn is None
     assert torch.equal(out, quantized_attention(q, k, v).detach())
+
+
+def test_unused_outputs_reach_the_backward_as_none(gen, monkeypatch):
+    """Without return_lse the lse's gradient is None, not zeros (the cuDNN backward takes no lse gradient)."""
+    from quantattn_hf import autograd
+
+    seen = []
+    backward = autograd.attention_backward
+    monkeypatch.setattr(autograd, "attention_backward", lambda *a: seen.append(a[6]) or backward(*a))
+    q, k, v, dout = inputs(gen, b=1, hq=2, hkv=2, sq=8, sk=8, d=16)
+    cfg = QuantConfig.preset("kv-int8")
+    torch.autograd.grad(quantized_attention(q, k, v, config=cfg), (q, k, v), dout)
+    kq, vq = (quantize(t.detach(), s) for t, s in ((k, cfg.k), (v, cfg.v)))
+    torch.autograd.grad(quantized_attention(q, kq, vq, config=cfg), (q,), dout)
+    assert seen == [None, None]

@@ -1,0 +1,251 @@
+"""The CUDA backward through cuDNN: the Triton dequantiser it feeds, its chunk policy, and its gradients.
+
+The dequantiser runs in Triton's interpreter on the CPU (outputs NaN-poisoned) and must equal
+`QuantizedTensor.dequantize` bit for bit. The chunk policy is host arithmetic. The gradients (CUDA only)
+are checked against float64 autograd of attention over the dequantised operands (`ref_grads`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_autograd import inputs, ref_grads, rel  # noqa: E402
+
+from quantattn_hf import QuantConfig, quantize, quantized_attention  # noqa: E402
+from quantattn_hf.autograd import _backward_backend, make_call  # noqa: E402
+from quantattn_hf.backends import cudnn_backward, triton_backward  # noqa: E402
+from quantattn_hf.backends.triton.backend import TritonBackend  # noqa: E402
+from quantattn_hf.backends.triton.dequantize import HeadDequantizer  # noqa: E402
+from quantattn_hf.config import PRESETS  # noqa: E402
+from quantattn_hf.quant import StaticQuant  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def _operands(gen, shape, dtype):
+    """Random operands with a per-channel offset (so block means matter) on the test device."""
+    x = torch.randn(*shape, generator=gen) + torch.randn(shape[-1], generator=gen)
+    return x.to(dtype).to(DEVICE)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("quantiser", ["quant", "triton"])
+@pytest.mark.parametrize(("shape", "heads"), [((2, 3, 70, 40), slice(1, 3)), ((1, 4, 129, 64), slice(0, 4))])
+def test_head_dequantizer_equals_dequantize(name, quantiser, shape, heads, gen):
+    """Every element, every operand of every preset, as quantised by either quantiser (Triton stores FP8 V
+    token-contiguous), a head range, a padded head dim and token counts that are no whole tile."""
+    cfg = QuantConfig.preset(name)
+    quant = quantize if quantiser == "quant" else TritonBackend().quantize
+    q, k, v = (quant(_operands(gen, shape, torch.bfloat16), spec) for spec in (cfg.q, cfg.k, cfg.v))
+    for dtype in (torch.bfloat16, torch.float32):
+        for held in ([q], [k, v], [v, q]):  # one operand, two in one launch (quantised or not, in either slot)
+            got = HeadDequantizer(held, dtype)(heads)
+            for t, x in zip(held, got, strict=True):
+                assert x.shape == (shape[0], heads.stop - heads.start, shape[2], shape[3]) and x.dtype == dtype
+                assert torch.equal(x, t.dequantize(dtype)[:, heads]), (name, t.spec)
+
+
+@needs_kernels
+def test_head_dequantizer_static_and_asymmetric(gen):
+    """Calibrated scales broadcast over batch ([1, H, 1, D], 0-strides) and asymmetric int4 with zero points."""
+    x = _operands(gen, (2, 2, 96, 32), torch.float16)
+    spec = QuantConfig.preset("kv-int8").k
+    static = StaticQuant(scale=torch.rand(1, 2, 1, 32, generator=gen).add(0.02).to(DEVICE))
+    asym = {"strategy": "asymmetric", "subtract_mean": False}
+    held = [quantize(x, spec, static=static), quantize(x, dataclasses.replace(spec, **asym))]
+    held.append(quantize(x, dataclasses.replace(QuantConfig.preset("kv-int4").k, **asym)))
+    for t, other in zip(held, held[1:] + held[:1], strict=True):
+        got = HeadDequantizer([t, other], torch.float16)(slice(0, 2))
+        assert torch.equal(got[0], t.dequantize(torch.float16))
+        assert torch.equal(got[1], other.dequantize(torch.float16))
+
+
+def test_head_dequantizer_refuses_bad_requests(gen):
+    t = quantize(torch.randn(1, 2, 8, 16, generator=gen), QuantConfig.preset("kv-int8").k)
+    with pytest.raises(TypeError, match="output dtype"):
+        HeadDequantizer([t], torch.int8)
+    with pytest.raises(ValueError, match="step-1"):
+        HeadDequantizer([t], torch.float16)(slice(0, 2, 2))
+    other = quantize(torch.randn(1, 2, 9, 16, generator=gen), QuantConfig.preset("kv-int8").v)
+    with pytest.raises(ValueError, match="one or two operands"):
+        HeadDequantizer([t, other], torch.float16)
+
+
+def _call(b=1, hq=24, hkv=24, n=4608, d=128, causal=False, dtype=torch.bfloat16, mask=None, device="cpu"):
+    cfg = QuantConfig.preset("kv-int8")
+    q = torch.empty((b, hq, n, d), dtype=dtype, device=device)
+    return make_call(q, q.shape, (b, hkv, n, d), mask, causal, d**-0.5, cfg)
+
+
+def _bytes(call, held_fraction):
+    size = 2
+    dense = size * (
+        call.batch * call.q_heads * call.q_len * call.head_dim
+        + 2 * call.batch * call.kv_heads * call.kv_len * call.head_dim
+    )
+    kv = 2 * size * call.batch * call.kv_heads * call.kv_len * call.head_dim
+    held = dense - kv + int(kv * held_fraction)
+    return dense, held, kv
+
+
+@pytest.mark.parametrize(
+    ("shape", "held_fraction", "sms"),
+    [
+        ((1, 24, 24, 4608), 0.53, 132),
+        ((1, 32, 8, 4096), 0.53, 132),
+        ((2, 16, 4, 1024), 0.3, 108),
+        ((1, 8, 1, 512), 0.5, 132),
+    ],
+)
+def test_chunk_count_keeps_the_peak_at_sdpa_or_below(shape, held_fraction, sms, monkeypatch):
+    """The count returned satisfies the peak inequality of its docstring where some count does (one chunk
+    whenever one fits), and is never beyond the K/V head count."""
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    b, hq, hkv, n = shape
+    call = _call(b, hq, hkv, n)
+    dense, held, kv = _bytes(call, held_fraction)
+    acc = 4 * b * hq * n * call.head_dim
+    chunks = cudnn_backward.chunk_count(call, held, kv, sms)
+
+    def peak(c):  # bytes beyond what both keep (O, dO, the whole gradients)
+        return held + kv + acc if c == 1 else held + (kv + dense + acc) / c
+
+    assert 1 <= chunks <= hkv
+    fits = [c for c in range(1, hkv + 1) if peak(c) <= dense + acc]
+    if fits:
+        assert peak(chunks) <= dense + acc
+        assert chunks == 1 or peak(1) > dense + acc
+    else:
+        assert chunks == hkv
+
+
+def test_chunk_count_one_chunk_when_the_dense_copy_fits_and_by_waves_otherwise(monkeypatch):
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    call = _call()
+    dense, _, kv = _bytes(call, 0.5)
+    assert cudnn_backward.chunk_count(call, dense - kv, kv, 132) == 1  # nothing saved by quantising: no chunks
+    # Flux kv-int8 on an H100: 3 chunks would fit, but 8-head chunks take 3 waves of 132 SMs each (9 in all),
+    # 6-head chunks 2 each (8 in all), as the timings of cuDNN's backward by chunk count showed
+    assert cudnn_backward.chunk_count(call, dense - kv + int(0.53 * kv), kv, 132) == 4
+    monkeypatch.setenv(cudnn_backward.ENV, "7")
+    assert cudnn_backward.chunk_count(call, 0, kv, 132) == 7
+    monkeypatch.setenv(cudnn_backward.ENV, "99")
+    assert cudnn_backward.chunk_count(call, 0, kv, 132) == 24
+
+
+def test_unsupported_reasons(monkeypatch):
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    assert "tensors on cpu" in cudnn_backward.unsupported_reason(_call(), None)
+    monkeypatch.setenv(cudnn_backward.ENV, "0")
+    assert cudnn_backward.unsupported_reason(_call(), None) == f"{cudnn_backward.ENV}=0"
+    monkeypatch.setenv(cudnn_backward.ENV, "fast")
+    with pytest.raises(ValueError, match=cudnn_backward.ENV):
+        cudnn_backward.unsupported_reason(_call(), None)
+
+
+@needs_cuda
+@gpu
+def test_unsupported_reasons_on_cuda(monkeypatch):
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    reason = cudnn_backward.unsupported_reason
+    assert reason(_call(n=64, device="cuda"), None) is None
+    assert "dtype" in reason(_call(n=64, dtype=torch.float32, device="cuda"), None)
+    assert "head dims" in reason(_call(n=64, d=256, device="cuda"), None)
+    assert "mask" in reason(
+        _call(n=64, mask=torch.ones(1, 1, 64, 64, dtype=torch.bool, device="cuda"), device="cuda"), None
+    )
+    assert "log-sum-exp" in reason(_call(n=64, device="cuda"), torch.zeros(1))
+    call = dataclasses.replace(_call(n=64, causal=True, device="cuda"), q_len=32)
+    assert "causal" in reason(call, None)
+    # the autograd's choice: cuDNN where it serves, the Triton kernels where it does not
+    assert _backward_backend("triton", torch.device("cuda"), _call(n=64, device="cuda"), None) is cudnn_backward
+    assert _backward_backend("triton", torch.device("cuda"), _call(n=64, d=256, device="cuda"), None) is triton_backward
+
+
+def _cuda_grads(q, k, v, dout, cfg, layout="bhsd", **kw):
+    """Gradients through quantized_attention on CUDA (Triton forward, the backward under test), float32 out."""
+    leaves = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    if layout == "bshd":  # Q/K/V as views of [B, S, H, D] projections, as diffusers and transformers make them
+        ops = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in leaves]
+    else:
+        ops = leaves
+    out = quantized_attention(*ops, config=cfg, enable_gqa=True, backend="triton", **kw)
+    return [g.float().cpu() for g in torch.autograd.grad(out, leaves, dout.to("cuda", out.dtype))]
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize(
+    ("chunks", "causal", "layout"), [("1", False, "bhsd"), ("2", True, "bshd"), ("auto", True, "bhsd")]
+)
+def test_cudnn_backward_matches_float64_autograd(name, chunks, causal, layout, gen, monkeypatch):
+    """Every preset, GQA 8:2, two batch elements, 1 or 2 head chunks (or the policy's), causal or not, BHSD
+    tensors or BSHD views: against float64 autograd over the dequantised bf16-rounded operands."""
+    monkeypatch.setenv(cudnn_backward.ENV, chunks)
+    calls = []
+    kernels = cudnn_backward.attention_backward
+    monkeypatch.setattr(cudnn_backward, "attention_backward", lambda *a, **k: calls.append(1) or kernels(*a, **k))
+    cfg = QuantConfig.preset(name)
+    q, k, v, dout = inputs(gen, b=2, hq=8, hkv=2, sq=200, sk=200, d=64, dtype=torch.bfloat16)
+    got = _cuda_grads(q, k, v, dout, cfg, layout, is_causal=causal)
+    ref = ref_grads(q, k, v, dout, cfg, is_causal=causal)
+    assert calls == [1]
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        # bf16 operands, gradients and dense copies; qk's forward rounds P to FP8 against its running maximum
+        assert rel(a, b) < (2e-2 if name == "qk-int8-pv-fp8" else 1e-2), (name, "qkv"[i], rel(a, b))
+
+
+@needs_cuda
+@gpu
+def test_cudnn_backward_query_only_and_fallback_for_masks(gen, monkeypatch):
+    """Held K/V: dQ only. A boolean mask: the Triton kernels take the call, with the same gradients' quality."""
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    cfg = QuantConfig.preset("kv-int8")
+    q, k, v, dout = inputs(gen, b=1, hq=4, hkv=2, sq=96, sk=96, d=128, dtype=torch.bfloat16)
+    kq, vq = (quantize(t.detach().to("cuda"), s) for t, s in ((k, cfg.k), (v, cfg.v)))
+    qd = q.detach().to("cuda").requires_grad_()
+    out = quantized_attention(qd, kq, vq, config=cfg, enable_gqa=True, backend="triton")
+    (dq,) = torch.autograd.grad(out, (qd,), dout.to("cuda", out.dtype))
+    assert rel(dq.float().cpu(), ref_grads(q, k, v, dout, cfg)[0]) < 1e-2
+    used = []
+    for mod in (cudnn_backward, triton_backward):
+        kernels = mod.attention_backward
+        monkeypatch.setattr(
+            mod, "attention_backward", lambda *a, _k=kernels, _m=mod, **kw: used.append(_m) or _k(*a, **kw)
+        )
+    keep = torch.rand(1, 1, 96, 96, generator=gen) > 0.3
+    keep[..., 0] = True
+    got = _cuda_grads(q, k, v, dout, cfg, attn_mask=keep.to("cuda"))
+    ref = ref_grads(q, k, v, dout, cfg, attn_mask=keep)
+    assert used == [triton_backward]
+    for a, b in zip(got, ref, strict=True):
+        assert rel(a, b) < 1e-2
+
+
+@needs_cuda
+@gpu
+def test_cudnn_backward_chunks_give_the_one_chunk_gradients(gen, monkeypatch):
+    """Chunking is bookkeeping: 1, 3 and 4 head chunks (3 uneven over 4 K/V heads) give the same gradients, to
+    the ordering of cuDNN's fp32 dQ accumulation (a misplaced head would be off by the gradients' own size)."""
+    cfg = QuantConfig.preset("kv-int4")
+    q, k, v, dout = inputs(gen, b=2, hq=8, hkv=4, sq=256, sk=256, d=128, dtype=torch.bfloat16)
+    results = []
+    for chunks in ("1", "3", "4"):
+        monkeypatch.setenv(cudnn_backward.ENV, chunks)
+        results.append(_cuda_grads(q, k, v, dout, cfg, is_causal=True))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert rel(b, a) < 5e-3
