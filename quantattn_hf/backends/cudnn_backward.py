@@ -137,8 +137,8 @@ def attention_backward(
             sq, sk, 0.0, call.is_causal, scale=call.scale,
         )  # fmt: skip
         del qd, kd, vd
-        if n == 1:
-            grads = list(part)
+        if n == 1:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
+            grads = [g.contiguous() for g in part]
             break
         if not grads:
             grads = [
