@@ -14,6 +14,7 @@ A preset may name its backward kernels after a slash: `kv-int8/triton` runs the 
 preset takes the default (cuDNN's backward with the chunk count of `backends/cudnn_backward.py` on CUDA).
 
     python scripts/bench_train.py --json out/bench_train.json
+    python scripts/bench_train.py --plot out/bench_train.json docs/bench_train.png
     python scripts/bench_train.py --tiny
 """
 
@@ -187,6 +188,42 @@ def _fmt(x: float | None, spec: str) -> str:
     return format("n/a", f">{width}") if x is None else format(x, spec)
 
 
+def plot(json_path: str, png_path: str) -> None:
+    """Each method's backward time against its peak memory, both as ratios to SDPA's, one panel per layer, with
+    the target region (time within 1.2x, peak below SDPA's) shaded; from a --json file, needs no GPU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if r.get("peak_vs_sdpa") is not None]
+    if not rows:
+        raise SystemExit(f"{json_path}: no peak memory in this file (measured on CUDA only): nothing to plot")
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 5), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        ax.fill_between([0, 1.2], 0, 1.0, color="tab:green", alpha=0.15, label="target: time <= 1.2x, peak <= 1.0x")
+        markers = iter("osD^v<>phX*" * 3)
+        for r in (r for r in rows if r["layer"] == layer):
+            ax.scatter(r["bwd_vs_sdpa"], r["peak_vs_sdpa"], s=50, marker=next(markers), label=r["method"])
+        shape = ",".join(str(x) for x in rows[[r["layer"] for r in rows].index(layer)]["shape"])
+        ax.set_xscale("log")
+        ticks = [1, 1.2, 1.5, 2, 3, 4, 6, 8]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlim(0.8, max(r["bwd_vs_sdpa"] for r in rows) * 1.4)
+        ax.set_ylim(0.4, max(r["peak_vs_sdpa"] for r in rows) * 1.1)
+        ax.set_xlabel("backward time / SDPA's (log scale)")
+        ax.set_ylabel("peak memory of forward+backward / SDPA's")
+        ax.set_title(f"{layer} (B,Hq,Hkv,N,D,causal = {shape})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Training attention layer vs SDPA, {data['device_name']}, {data['dtype']}")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
@@ -205,7 +242,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a --json file (no GPU needed)")
     args = parser.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)

@@ -162,3 +162,14 @@ def test_bench_train_tiny_smoke(tmp_path):
     # the held K/V (one byte an element plus scales) instead of bf16 K/V: 0.78x / 0.86x of SDPA's saved bytes
     assert saved[("flux", "kv-int8")] < 0.85 * saved[("flux", "sdpa")]
     assert "fwd+bwd" in run.stdout
+    # no peak memory on the CPU: the plot says so instead of drawing empty panels
+    plotted = subprocess.run([sys.executable, str(script), "--plot", str(out), str(tmp_path / "t.png")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert plotted.returncode != 0 and "no peak memory" in plotted.stderr
+    for r in rows:  # as a CUDA run gives them: then one panel per layer, a point per method
+        r["peak_vs_sdpa"], r["bwd_vs_sdpa"] = 0.8, 1.1
+    out.write_text(json.dumps({**json.loads(out.read_text()), "rows": rows}))
+    plotted = subprocess.run([sys.executable, str(script), "--plot", str(out), str(tmp_path / "t.png")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
