@@ -175,6 +175,50 @@ def test_unsupported_reasons_on_cuda(monkeypatch):
     assert _backward_backend("triton", torch.device("cuda"), _call(n=64, d=256, device="cuda"), None) is triton_backward
 
 
+def _dense64(grad_out, q, k, v, out, lse, is_causal, scale):
+    """Stand-in for cuDNN's backward on the CPU: FlashAttention-2's formulas in float64, given out and lse."""
+    g = q.shape[1] // k.shape[1]
+    q64, do, o = q.double(), grad_out.double(), out.double()
+    k64, v64 = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    p = torch.exp(q64 @ k64.transpose(-1, -2) * scale - lse.double()[..., None])
+    if is_causal:
+        p = p.tril(k.shape[2] - q.shape[2])
+    ds = p * (do @ v64.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+    dk, dv = (
+        t.unflatten(1, (k.shape[1], g)).sum(2) for t in (ds.transpose(-1, -2) @ q64 * scale, p.transpose(-1, -2) @ do)
+    )
+    return (ds @ k64 * scale).to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["kv-int4", "qk-int8-pv-fp8"])
+@pytest.mark.parametrize("chunks", ["1", "2", "3"])
+@pytest.mark.parametrize("need_dkv", [True, False])
+def test_chunked_backward_bookkeeping_against_float64_autograd(name, chunks, need_dkv, gen, monkeypatch):
+    """The head-range loop with cuDNN's kernel replaced by float64 formulas (on the CPU): every chunk's query
+    heads, output, lse and upstream gradient slices and every gradient copy land on the right heads (GQA 8:4, two
+    batch elements, 3 chunks uneven over 4 K/V heads), against float64 autograd over the dequantised operands."""
+    monkeypatch.setenv(cudnn_backward.ENV, chunks)
+    slices = []
+    monkeypatch.setattr(cudnn_backward, "dense_backward", lambda *a: slices.append(a[1].shape[1]) or _dense64(*a))
+    cfg = QuantConfig.preset(name)
+    leaves = inputs(gen, b=2, hq=8, hkv=4, sq=40, sk=40, d=32)
+    q, k, v, dout = (t.detach().to(DEVICE) for t in leaves)
+    kw = {"config": cfg, "backend": "reference", "return_lse": True, "is_causal": True, "enable_gqa": True}
+    out, lse = quantized_attention(q, k, v, **kw)
+    held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
+    call = make_call(q, q.shape, v.shape, None, True, 32**-0.5, cfg)
+    got = cudnn_backward.attention_backward(*held, out, lse, dout, None, call, need_dkv)
+    assert slices == {"1": [8], "2": [4, 4], "3": [2, 2, 4]}[chunks]  # query heads of 1, 2 or 1+1+2 K/V heads
+    ref = ref_grads(*leaves, cfg, is_causal=True)
+    assert rel(got[0].cpu(), ref[0]) < 5e-5
+    if need_dkv:
+        for a, b in zip(got[1:], ref[1:], strict=True):
+            assert a.shape == b.shape and rel(a.cpu(), b) < 5e-5
+    else:
+        assert got[1].shape == got[2].shape == (0,)
+
+
 def _cuda_grads(q, k, v, dout, cfg, layout="bhsd", **kw):
     """Gradients through quantized_attention on CUDA (Triton forward, the backward under test), float32 out."""
     leaves = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]

@@ -104,6 +104,24 @@ def chunk_count(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: i
     return min(range(need, hkv + 1), key=lambda n: (waves(n), n))
 
 
+def dense_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cuDNN's backward of attention over dense [B, H, S, D] operands (GQA: fewer K/V heads), given the output
+    and the [B, Hq, Sq] natural-log lse: (dQ, dK, dV)."""
+    sq, sk = q.shape[2], k.shape[2]
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad_out, q, k, v, out, lse.unsqueeze(-1), None, None, None, None, None, sq, sk, 0.0, is_causal, scale=scale
+    )
+
+
 def attention_backward(
     q: QuantizedTensor,
     k: QuantizedTensor,
@@ -122,20 +140,16 @@ def attention_backward(
     sq, sk, dtype = call.q_len, call.kv_len, call.dtype
     dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
     held = sum(t.nbytes() for t in (q, k, v))
-    sms = _device_facts(grad_out.device)[1]
+    sms = _device_facts(grad_out.device)[1] if grad_out.is_cuda else 1
     n = chunk_count(call, held, dequant * out.element_size(), sms)
     grad_out = grad_out.contiguous()
-    lse4 = lse.unsqueeze(-1)
     bounds = [hkv * i // n for i in range(n + 1)]
     grads: list[torch.Tensor] = []
     dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)
         (qd,), (kd, vd) = dense_q(qs), dense_kv(ks)
-        part = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad_out[:, qs], qd, kd, vd, out[:, qs], lse4[:, qs], None, None, None, None, None,
-            sq, sk, 0.0, call.is_causal, scale=call.scale,
-        )  # fmt: skip
+        part = dense_backward(grad_out[:, qs], qd, kd, vd, out[:, qs], lse[:, qs], call.is_causal, call.scale)
         del qd, kd, vd
         if n == 1:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
             grads = [g.contiguous() for g in part]
