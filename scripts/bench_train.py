@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -95,24 +96,14 @@ def attention_fn(method: str, causal: bool, backend: str | None):
     )
 
 
-@contextlib.contextmanager
-def backward_kernels(method: str):
+def backward_kernels(method: str) -> contextlib.AbstractContextManager:
     """For `preset/triton` or `preset/n`, QUANTATTN_CUDNN_BACKWARD set to 0 or n while the row runs."""
     choice = method.partition("/")[2]
     if not choice:
-        yield
-        return
+        return contextlib.nullcontext()
     if choice != "triton" and not choice.isdigit():
         raise ValueError(f"{method}: the backward after '/' is 'triton' or a chunk count")
-    old = os.environ.get("QUANTATTN_CUDNN_BACKWARD")
-    os.environ["QUANTATTN_CUDNN_BACKWARD"] = "0" if choice == "triton" else choice
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["QUANTATTN_CUDNN_BACKWARD"]
-        else:
-            os.environ["QUANTATTN_CUDNN_BACKWARD"] = old
+    return mock.patch.dict(os.environ, {"QUANTATTN_CUDNN_BACKWARD": "0" if choice == "triton" else choice})
 
 
 def run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> dict:

@@ -20,7 +20,7 @@ from test_autograd_training import Block  # noqa: E402
 
 from quantattn_hf import QuantConfig, quantize, quantized_attention  # noqa: E402
 from quantattn_hf.autograd import _backward_backend, make_call  # noqa: E402
-from quantattn_hf.backends import cudnn_backward, triton_backward  # noqa: E402
+from quantattn_hf.backends import cudnn_backward, reference_backward, triton_backward  # noqa: E402
 from quantattn_hf.backends.triton.backend import TritonBackend  # noqa: E402
 from quantattn_hf.backends.triton.dequantize import HeadDequantizer  # noqa: E402
 from quantattn_hf.config import PRESETS  # noqa: E402
@@ -175,19 +175,17 @@ def test_unsupported_reasons_on_cuda(monkeypatch):
     assert _backward_backend("triton", torch.device("cuda"), _call(n=64, d=256, device="cuda"), None) is triton_backward
 
 
-def _dense64(grad_out, q, k, v, out, lse, is_causal, scale):
-    """Stand-in for cuDNN's backward on the CPU: FlashAttention-2's formulas in float64, given out and lse."""
-    g = q.shape[1] // k.shape[1]
-    q64, do, o = q.double(), grad_out.double(), out.double()
-    k64, v64 = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    p = torch.exp(q64 @ k64.transpose(-1, -2) * scale - lse.double()[..., None])
-    if is_causal:
-        p = p.tril(k.shape[2] - q.shape[2])
-    ds = p * (do @ v64.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-    dk, dv = (
-        t.unflatten(1, (k.shape[1], g)).sum(2) for t in (ds.transpose(-1, -2) @ q64 * scale, p.transpose(-1, -2) @ do)
-    )
-    return (ds @ k64 * scale).to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+def _reference_dense(cfg):
+    """Stand-in for cuDNN's backward on the CPU: the reference backward in float64, given out and lse."""
+
+    def dense(grad_out, q, k, v, out, lse, is_causal, scale):
+        call = make_call(q, q.shape, v.shape, None, is_causal, scale, cfg)
+        grads = reference_backward.attention_backward(
+            q.double(), k.double(), v.double(), out, lse, grad_out, None, call
+        )
+        return tuple(g.to(q.dtype) for g in grads)
+
+    return dense
 
 
 @needs_kernels
@@ -195,13 +193,15 @@ def _dense64(grad_out, q, k, v, out, lse, is_causal, scale):
 @pytest.mark.parametrize("chunks", ["1", "2", "3"])
 @pytest.mark.parametrize("need_dkv", [True, False])
 def test_chunked_backward_bookkeeping_against_float64_autograd(name, chunks, need_dkv, gen, monkeypatch):
-    """The head-range loop with cuDNN's kernel replaced by float64 formulas (on the CPU): every chunk's query
-    heads, output, lse and upstream gradient slices and every gradient copy land on the right heads (GQA 8:4, two
-    batch elements, 3 chunks uneven over 4 K/V heads), against float64 autograd over the dequantised operands."""
+    """The head-range loop with cuDNN's kernel replaced by the float64 reference backward (on the CPU): every
+    chunk's query heads, output, lse and upstream gradient slices and every gradient copy land on the right heads
+    (GQA 8:4, two batch elements, 3 chunks uneven over 4 K/V heads), against float64 autograd over the
+    dequantised operands."""
     monkeypatch.setenv(cudnn_backward.ENV, chunks)
     slices = []
-    monkeypatch.setattr(cudnn_backward, "dense_backward", lambda *a: slices.append(a[1].shape[1]) or _dense64(*a))
     cfg = QuantConfig.preset(name)
+    dense = _reference_dense(cfg)
+    monkeypatch.setattr(cudnn_backward, "dense_backward", lambda *a: slices.append(a[1].shape[1]) or dense(*a))
     leaves = inputs(gen, b=2, hq=8, hkv=4, sq=40, sk=40, d=32)
     q, k, v, dout = (t.detach().to(DEVICE) for t in leaves)
     kw = {"config": cfg, "backend": "reference", "return_lse": True, "is_causal": True, "enable_gqa": True}

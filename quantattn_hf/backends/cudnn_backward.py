@@ -30,8 +30,14 @@ MAX_HEAD_DIM = 128
 KEY_TILE = 128
 
 
-def _setting() -> str:
-    return os.environ.get(ENV, "auto").strip().lower()
+def _fixed_chunks() -> int | None:
+    """QUANTATTN_CUDNN_BACKWARD as a chunk count: None for 'auto' (unset), 0 for off, else n."""
+    setting = os.environ.get(ENV, "auto").strip().lower()
+    if setting == "auto":
+        return None
+    if not setting.isdigit():
+        raise ValueError(f"{ENV} must be 'auto', 0 or a positive chunk count, got {setting!r}")
+    return int(setting)
 
 
 def _device_facts(device: torch.device) -> tuple[str | None, int]:
@@ -49,11 +55,8 @@ def _facts_of(index: int) -> tuple[str | None, int]:
 
 def unsupported_reason(call: AttentionCall, grad_lse: torch.Tensor | None) -> str | None:
     """None when cuDNN's backward serves `call`, else why not (the Triton kernels then run)."""
-    setting = _setting()
-    if setting == "0":
+    if _fixed_chunks() == 0:
         return f"{ENV}=0"
-    if setting != "auto" and not (setting.isdigit() and int(setting) > 0):
-        raise ValueError(f"{ENV} must be 'auto', 0 or a positive chunk count, got {setting!r}")
     device = torch.device(call.device)
     if device.type != "cuda":
         return f"tensors on {device.type}"
@@ -84,9 +87,9 @@ def chunk_count(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: i
     cuDNN's fp32 dQ accumulator. One chunk needs no copy of gradients. Among the counts that fit, the one
     with the fewest waves of `KEY_TILE`-key programs in total (then the fewest chunks) is taken.
     """
-    setting = _setting()
-    if setting.isdigit():
-        return max(1, min(int(setting), call.kv_heads))
+    fixed = _fixed_chunks()
+    if fixed:
+        return min(fixed, call.kv_heads)
     size = call.dtype.itemsize
     b, hq, hkv = call.batch, call.q_heads, call.kv_heads
     dense = size * (b * hq * call.q_len * call.head_dim + b * hkv * call.kv_len * (call.head_dim + call.head_dim_v))

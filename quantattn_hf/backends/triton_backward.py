@@ -17,7 +17,7 @@ import triton.language as tl
 from ..quant import QuantizedTensor
 from .base import AttentionCall
 from .triton.interpreter_compat import patch_interpreter
-from .triton.launch import _mask_args, poisoning
+from .triton.launch import _empty, _mask_args
 from .triton.operands import KernelOperand
 from .triton.tiles import cast, dot_operand, load_dequant
 from .triton.tuning import autotuning, bucket, interpreting
@@ -333,12 +333,6 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if poisoning():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def attention_backward(

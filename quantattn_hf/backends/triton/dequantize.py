@@ -101,8 +101,8 @@ class HeadDequantizer:
         self.held, self.dtype = list(held), dtype
         b, self.heads, s, _ = held[0].shape
         work = [t for t in held if t.spec.quantized]
-        self.launches = len(work) if b * s else 0  # programs of one head per quantised operand
-        if not self.launches:
+        self.n_quantized = len(work) if b * s else 0  # operands the one launch dequantises
+        if not self.n_quantized:
             return
         x, y = work[0], work[-1]
         ops = [KernelOperand.from_held(t) for t in (x, y)]
@@ -127,7 +127,7 @@ class HeadDequantizer:
             else t.data[:, start:stop].to(self.dtype)
             for t in self.held
         ]
-        if not self.launches or stop == start:
+        if not self.n_quantized or stop == start:
             return outs
         if interpreting():
             patch_interpreter()
@@ -136,7 +136,7 @@ class HeadDequantizer:
         programs = b * (stop - start) * self.tiles
         s, dx, dy = self.sizes
         DEQUANT(
-            (programs * self.launches,), *self.x_args, ox, *ox.stride(), *self.y_args, oy, *oy.stride(),
+            (programs * self.n_quantized,), *self.x_args, ox, *ox.stride(), *self.y_args, oy, *oy.stride(),
             s, stop - start, start, dx, dy, self.tiles, programs, **self.consts,
         )  # fmt: skip
         return outs
