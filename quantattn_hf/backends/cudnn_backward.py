@@ -25,8 +25,8 @@ from .triton.dequantize import HeadDequantizer
 ENV = "QUANTATTN_CUDNN_BACKWARD"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
-# cuDNN's backward runs one program per key tile of this many tokens and head (inferred from its timings by
-# chunk count on the H100: docs/benchmarks.md); used only to rank chunk counts by whole waves.
+# cuDNN's backward runs one program per key tile of this many tokens and head (inferred from a one-off probe
+# timing it by chunk count on the H100, docs/benchmarks.md); used only to rank chunk counts by whole waves.
 KEY_TILE = 128
 
 
