@@ -380,7 +380,9 @@ def quantized_attention(
             static[:3],
         )
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out, lse = torch.ops.quantattn.attention_train(query, key, value, *args, static)[:2]
+        from .autograd import attention_train  # autograd imports this module
+
+        out, lse = attention_train(query, key, value, *args, static)[:2]
     else:
         out, lse = _attention_op(query, key, value, *args, static)
     if layout == "BSHD":

@@ -9,8 +9,9 @@ where cuDNN serves the call (`backends/cudnn_backward.py`), else the Triton back
 elsewhere. Both are custom
 ops with fake implementations, so torch.compile traces forward and backward.
 `quantattn::attention_held_kv` (pre-quantised K/V) gets a backward for the query here too.
-`quantized_attention` calls `torch.ops.quantattn.attention_train` when autograd records and Q, K
-or V requires a gradient. The mask, the scale and calibrated statistics get no gradient.
+`quantized_attention` calls `attention_train` when autograd records and Q, K or V requires a gradient: the
+op under torch.compile, else the same forward and backward functions through an autograd.Function. The mask, the
+scale and calibrated statistics get no gradient.
 """
 
 from __future__ import annotations
@@ -75,8 +76,7 @@ def _saved_parts(
     )
 
 
-@torch.library.custom_op("quantattn::attention_train", mutates_args=())
-def _attention_train_op(
+def _attention_train(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -98,6 +98,9 @@ def _attention_train_op(
     return [out, lse, *held]
 
 
+_attention_train_op = torch.library.custom_op("quantattn::attention_train", mutates_args=())(_attention_train)
+
+
 @_attention_train_op.register_fake
 def _attention_train_fake(query, key, value, attn_mask, is_causal, scale, config_json, backend, static):
     config = _config_from_json(config_json)
@@ -107,8 +110,7 @@ def _attention_train_fake(query, key, value, attn_mask, is_causal, scale, config
     return [out, lse, *_held_like(query, config.q), *_held_like(key, config.k), *_held_like(value, config.v)]
 
 
-@torch.library.custom_op("quantattn::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor | None,
     out: torch.Tensor,
@@ -145,6 +147,18 @@ def _attention_bwd_op(
     call = make_call(grad_out, qq.shape, vq.shape, attn_mask, is_causal, scale, config)
     dq, dk, dv = attention_backward(qq, kq, vq, out, lse, grad_out, grad_lse, call, backend, need_dkv)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+_attention_bwd_op = torch.library.custom_op("quantattn::attention_bwd", mutates_args=())(_attention_bwd)
+
+
+def _backward_kernels(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op where a graph is traced or recorded (torch.compile, create_graph), else its function
+    called directly on plain tensors: the dispatcher's argument checks cost host time that a chunked backward
+    cannot spare."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
+        return _attention_bwd_op(*args)
+    return _attention_bwd(*args)
 
 
 @_attention_bwd_op.register_fake
@@ -239,7 +253,7 @@ def _backward_train(ctx, grads):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dq, dk, dv = _attention_bwd_op(
+    dq, dk, dv = _backward_kernels(
         grad_out, grad_lse, out, lse, *parts, attn_mask, *ctx.args, [None, None, None], need_dkv
     )
     return (dq, dk if need_dkv else None, dv if need_dkv else None, None, None, None, None, None, None)
@@ -259,11 +273,47 @@ def _backward_held(ctx, grad_out, grad_lse):
     kv, attn_mask, q_static = rest[:8], rest[8], list(rest[9 : 9 + ctx.n_static])
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq = _attention_bwd_op(
+    dq = _backward_kernels(
         grad_out, grad_lse, out, lse, query, None, None, None, *kv, attn_mask, *ctx.args, q_static, False
     )[0]
     return (dq, *([None] * 14))
 
 
 torch.library.register_autograd("quantattn::attention_train", _backward_train, setup_context=_setup_train)
+
+
+class _TrainAttention(torch.autograd.Function):
+    """`quantattn::attention_train` and its autograd without the dispatcher, for eager training: the
+    dispatcher's checks of 9 inputs and 14 outputs, each way, cost host time that a layer cannot spare."""
+
+    @staticmethod
+    def forward(*inputs):
+        return tuple(_attention_train(*inputs))
+
+    setup_context = staticmethod(_setup_train)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward_train(ctx, grads)
+
+
+def attention_train(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    config_json: str,
+    backend: str,
+    static: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, ...]:
+    """(out, lse, held parts...) with autograd: the op where torch.compile traces (or tensor subclasses
+    dispatch), else the same functions called directly."""
+    inputs = (query, key, value, attn_mask, is_causal, scale, config_json, backend, static)
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (query, key, value)):
+        return tuple(torch.ops.quantattn.attention_train(*inputs))
+    return _TrainAttention.apply(*inputs)
+
+
 torch.library.register_autograd("quantattn::attention_held_kv", _backward_held, setup_context=_setup_held)

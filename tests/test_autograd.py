@@ -241,3 +241,28 @@ def test_unused_outputs_reach_the_backward_as_none(gen, monkeypatch):
     kq, vq = (quantize(t.detach(), s) for t, s in ((k, cfg.k), (v, cfg.v)))
     torch.autograd.grad(quantized_attention(q, kq, vq, config=cfg), (q,), dout)
     assert seen == [None, None]
+
+
+def test_eager_training_skips_the_dispatcher_and_recorded_backward_goes_through_it(gen, monkeypatch):
+    """Eager training runs the forward and backward functions through an autograd.Function and calls the
+    backward's function directly (host time); a backward that records a graph (create_graph) calls the backward
+    op, as torch.compile's tracing does; the ops' own autograd gives the same gradients, bit for bit."""
+    from quantattn_hf import autograd
+
+    calls = []
+    op = autograd._attention_bwd_op
+    monkeypatch.setattr(autograd, "_attention_bwd_op", lambda *a: calls.append("op") or op(*a))
+    q, k, v, dout = inputs(gen, b=1, hq=4, hkv=2, sq=12, sk=12, d=16)
+    out = quantized_attention(q, k, v, config="kv-int4", enable_gqa=True)
+    assert type(out.grad_fn).__name__ == "_TrainAttentionBackward"
+    direct = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == []
+    recorded = torch.autograd.grad(
+        quantized_attention(q, k, v, config="kv-int4", enable_gqa=True), (q, k, v), dout, create_graph=True
+    )
+    assert calls == ["op"]
+    cfg = QuantConfig.preset("kv-int4").to_json()
+    through_ops = torch.ops.quantattn.attention_train(q, k, v, None, False, 0.25, cfg, "", [None] * 9)[0]
+    assert "quantattn" in type(through_ops.grad_fn).__name__
+    for a, b, c in zip(direct, recorded, torch.autograd.grad(through_ops, (q, k, v), dout), strict=True):
+        assert torch.equal(a, b.detach()) and torch.equal(a, c)

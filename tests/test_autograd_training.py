@@ -149,7 +149,19 @@ def test_bench_train_tiny_smoke(tmp_path):
     """scripts/bench_train.py --tiny runs on the CPU and writes one JSON row per layer and method."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     out = tmp_path / "train.json"
-    cmd = [sys.executable, str(script), "--tiny", "--presets", "kv-int8", "--warmup", "0", "--reps", "1"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--tiny",
+        "--device",
+        "cpu",
+        "--presets",
+        "kv-int8",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+    ]
     run = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["rows"]

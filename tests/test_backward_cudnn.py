@@ -8,7 +8,11 @@ are checked against float64 autograd of attention over the dequantised operands 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +105,16 @@ def _bytes(call, held_fraction):
     return dense, held, kv
 
 
+def _compositions(total, widest):
+    """Every way of writing `total` heads as ordered chunk widths of at most `widest` (brute force)."""
+    if total == 0:
+        yield []
+        return
+    for w in range(1, min(widest, total) + 1):
+        for rest in _compositions(total - w, widest):
+            yield [w, *rest]
+
+
 @pytest.mark.parametrize(
     ("shape", "held_fraction", "sms"),
     [
@@ -108,42 +122,53 @@ def _bytes(call, held_fraction):
         ((1, 32, 8, 4096), 0.53, 132),
         ((2, 16, 4, 1024), 0.3, 108),
         ((1, 8, 1, 512), 0.5, 132),
+        ((1, 12, 12, 3000), 0.4, 132),
+        ((3, 10, 10, 700), 0.6, 78),
     ],
 )
-def test_chunk_count_keeps_the_peak_at_sdpa_or_below(shape, held_fraction, sms, monkeypatch):
-    """The count returned satisfies the peak inequality of its docstring where some count does (one chunk
-    whenever one fits), and is never beyond the K/V head count."""
+def test_chunk_bounds_keep_the_peak_at_sdpa_or_below_in_fewest_waves(shape, held_fraction, sms, monkeypatch):
+    """The bounds rise from 0 to the K/V heads; the widest chunk satisfies the peak inequality of the docstring
+    (one chunk whenever one fits); and no split of the heads into chunks that fit takes fewer waves, or as few
+    in fewer chunks (brute force over every split where the heads are few)."""
     monkeypatch.delenv(cudnn_backward.ENV, raising=False)
     b, hq, hkv, n = shape
     call = _call(b, hq, hkv, n)
     dense, held, kv = _bytes(call, held_fraction)
     acc = 4 * b * hq * n * call.head_dim
-    chunks = cudnn_backward.chunk_count(call, held, kv, sms)
+    bounds = cudnn_backward.chunk_bounds(call, held, kv, sms)
+    widths = [h1 - h0 for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert bounds[0] == 0 and bounds[-1] == hkv and min(widths) >= 1
 
-    def peak(c):  # bytes beyond what both keep (O, dO, the whole gradients)
-        return held + kv + acc if c == 1 else held + (kv + dense + acc) / c
+    def peak(w):  # bytes beyond what both keep (O, dO, the whole gradients) with a widest chunk of w heads
+        return held + kv + acc if w == hkv else held + (kv + dense + acc) * w / hkv
 
-    assert 1 <= chunks <= hkv
-    fits = [c for c in range(1, hkv + 1) if peak(c) <= dense + acc]
-    if fits:
-        assert peak(chunks) <= dense + acc
-        assert chunks == 1 or peak(1) > dense + acc
-    else:
-        assert chunks == hkv
+    if peak(hkv) <= dense + acc:
+        assert widths == [hkv]
+        return
+    fits = [w for w in range(1, hkv + 1) if peak(w) <= dense + acc]
+    widest = max(fits) if fits else 1
+    assert max(widths) <= widest
+    programs = math.ceil(n / cudnn_backward.KEY_TILE) * b * (hq // hkv)
+
+    def cost(ws):
+        return sum(math.ceil(w * programs / sms) for w in ws), len(ws)
+
+    if hkv <= 12:
+        assert cost(widths) == min(cost(ws) for ws in _compositions(hkv, widest))
 
 
-def test_chunk_count_one_chunk_when_the_dense_copy_fits_and_by_waves_otherwise(monkeypatch):
+def test_chunk_bounds_one_chunk_when_the_dense_copy_fits_and_uneven_to_fill_waves(monkeypatch):
     monkeypatch.delenv(cudnn_backward.ENV, raising=False)
     call = _call()
     dense, _, kv = _bytes(call, 0.5)
-    assert cudnn_backward.chunk_count(call, dense - kv, kv, 132) == 1  # nothing saved by quantising: no chunks
-    # Flux kv-int8 on an H100: 3 chunks would fit, but 8-head chunks take 3 waves of 132 SMs each (9 in all),
-    # 6-head chunks 2 each (8 in all); bench_train measured kv-int8/3 slower than the policy's 4 (1.33x vs 1.23x)
-    assert cudnn_backward.chunk_count(call, dense - kv + int(0.53 * kv), kv, 132) == 4
+    assert cudnn_backward.chunk_bounds(call, dense - kv, kv, 132) == [0, 24]  # nothing saved by quantising
+    # Flux kv-int8 on an H100 (36 programs of 128 keys per head, 132 SMs): chunks of at most 10 heads fit; 10, 7
+    # and 7 heads take 3, 2 and 2 waves, the 7 of one chunk over all heads (even chunks of 6 heads take 8)
+    assert cudnn_backward.chunk_bounds(call, dense - kv + int(0.53 * kv), kv, 132) == [0, 10, 17, 24]
     monkeypatch.setenv(cudnn_backward.ENV, "7")
-    assert cudnn_backward.chunk_count(call, 0, kv, 132) == 7
+    assert cudnn_backward.chunk_bounds(call, 0, kv, 132) == [0, 3, 6, 10, 13, 17, 20, 24]
     monkeypatch.setenv(cudnn_backward.ENV, "99")
-    assert cudnn_backward.chunk_count(call, 0, kv, 132) == 24
+    assert cudnn_backward.chunk_bounds(call, 0, kv, 132) == list(range(25))
 
 
 def test_unsupported_reasons(monkeypatch):
@@ -320,3 +345,20 @@ def test_cudnn_backward_under_torch_compile(backend, gen, monkeypatch):
     assert len(calls) == 2
     for a, b in zip(compiled, eager, strict=True):
         assert rel(a, b) < 2e-2  # bf16 graphs: the compiled one fuses and rounds its elementwise ops differently
+
+
+def test_backward_in_chunks_refuses_bounds_that_do_not_cover_the_heads(gen):
+    cfg = QuantConfig.preset("kv-int8")
+    q, k, v, dout = (t.detach() for t in inputs(gen, b=1, hq=4, hkv=2, sq=8, sk=8, d=16))
+    held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
+    call = make_call(q, q.shape, v.shape, None, False, 0.25, cfg)
+    for bounds in ([0, 1], [1, 2], [0, 1, 1, 2], [0, 2, 1, 2]):
+        with pytest.raises(ValueError, match="chunk bounds"):
+            cudnn_backward.backward_in_chunks(*held, dout, torch.zeros(1, 4, 8), dout, call, bounds)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message a machine without CUDA gets")
+def test_bench_backward_chunks_says_it_needs_cuda():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_backward_chunks.py"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "needs CUDA" in run.stderr

@@ -4,10 +4,11 @@ The backward's gradient is attention's over the dequantised operands (straight-t
 `reference_backward` defines it), given the forward's output and log-sum-exp. cuDNN's backward computes
 exactly that when handed x' as dense tensors, at cuDNN's speed. The held K/V (and Q where it is quantised)
 are dequantised by `triton.dequantize.HeadDequantizer` head range by head range ("chunks"), so their dense
-copies exist for one chunk at a time. The chunk count keeps the backward's peak memory at SDPA's or below
-(SDPA's autograd keeps dense Q/K/V from the forward on): one chunk where that fits, else, among the counts
-that fit, one whose chunks fill the GPU's waves best. `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to the
-Triton kernels (`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n chunks.
+copies exist for one chunk at a time. `chunk_bounds` keeps the backward's peak memory at SDPA's or below (SDPA's
+autograd keeps dense Q/K/V from the forward on): one chunk where that fits, else chunks no wider than the peak
+allows, uneven where that fills the GPU's waves (Flux on an H100: 10+7+7 heads take 7% more GPU time than one
+chunk, 8+8+8 30% more; scripts/bench_backward_chunks.py). `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to
+the Triton kernels (`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n even chunks.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .triton.dequantize import HeadDequantizer
 ENV = "QUANTATTN_CUDNN_BACKWARD"
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
-# cuDNN's backward runs one program per key tile of this many tokens and head (inferred from a one-off probe
-# timing it by chunk count on the H100, docs/benchmarks.md); used only to rank chunk counts by whole waves.
+# cuDNN's backward runs one program per key tile of this many tokens and head (inferred from its GPU time by
+# chunk plan on the H100, scripts/bench_backward_chunks.py); used only to rank chunk plans by whole waves.
 KEY_TILE = 128
 
 
@@ -78,33 +79,51 @@ def unsupported_reason(call: AttentionCall, grad_lse: torch.Tensor | None) -> st
     return None
 
 
-def chunk_count(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: int) -> int:
-    """Head chunks (over K/V heads) for the backward: the fewest whose peak stays at SDPA's or below.
+def chunk_bounds(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: int) -> list[int]:
+    """K/V head bounds [0, ..., Hkv] of the backward's chunks: one chunk where its peak stays at SDPA's or below,
+    else chunks no wider than that peak allows, sized so their waves over the GPU are fewest, then fewest chunks.
 
     Against SDPA's backward, which keeps dense Q, K, V (`dense` bytes) and runs cuDNN once over all heads,
     this one keeps the held operands (`held_bytes`) and, per chunk, the dense copies of the quantised ones
     (`dequant_bytes` over all heads), the chunk's gradients before they are copied into the whole ones and
-    cuDNN's fp32 dQ accumulator. One chunk needs no copy of gradients. Among the counts that fit, the one
-    with the fewest waves of `KEY_TILE`-key programs in total (then the fewest chunks) is taken.
+    cuDNN's fp32 dQ accumulator. One chunk needs no copy of gradients. A chunk of h K/V heads runs
+    h * groups * batch * ceil(kv_len / KEY_TILE) programs, ceil(that / sms) waves: chunk widths that fill their
+    last wave (uneven ones included) cost no more GPU time than one chunk does, and each chunk costs host time.
     """
+    hkv = call.kv_heads
     fixed = _fixed_chunks()
     if fixed:
-        return min(fixed, call.kv_heads)
-    size = call.dtype.itemsize
-    b, hq, hkv = call.batch, call.q_heads, call.kv_heads
-    dense = size * (b * hq * call.q_len * call.head_dim + b * hkv * call.kv_len * (call.head_dim + call.head_dim_v))
-    accumulator = 4 * b * hq * call.q_len * call.head_dim
-    if held_bytes + dequant_bytes <= dense:
-        return 1
-    headroom = dense - held_bytes + accumulator
-    need = hkv if headroom <= 0 else math.ceil((dequant_bytes + dense + accumulator) / headroom)
-    need = min(max(need, 2), hkv)
-    tiles = math.ceil(call.kv_len / KEY_TILE) * b * call.groups
+        n = min(fixed, hkv)
+        return [hkv * i // n for i in range(n + 1)]
+    sizes = (call.batch, call.q_heads, hkv, call.q_len, call.kv_len, call.head_dim, call.head_dim_v)
+    return list(_planned_bounds(call.dtype.itemsize, *sizes, held_bytes, dequant_bytes, sms))
 
-    def waves(n: int) -> int:
-        return n * math.ceil(tiles * math.ceil(hkv / n) / sms)
 
-    return min(range(need, hkv + 1), key=lambda n: (waves(n), n))
+@functools.lru_cache(maxsize=256)
+def _planned_bounds(
+    size: int, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dv: int, held: int, dequant: int, sms: int
+) -> tuple[int, ...]:
+    """`chunk_bounds` for a policy-chosen split, cached: a layer repeats its shapes every step."""
+    dense = size * (b * hq * sq * d + b * hkv * sk * (d + dv))
+    accumulator = 4 * b * hq * sq * d
+    if held + dequant <= dense:
+        return (0, hkv)
+    per_head = (dequant + dense + accumulator) / hkv
+    widest = min(max(int((dense - held + accumulator) // per_head), 1), hkv)
+    programs = math.ceil(sk / KEY_TILE) * b * (hq // hkv)
+    # best[j]: (waves, chunks, width of the last chunk) of the best split of the first j heads
+    best = [(0, 0, 0)]
+    for j in range(1, hkv + 1):
+        best.append(
+            min(
+                (best[j - w][0] + math.ceil(w * programs / sms), best[j - w][1] + 1, w)
+                for w in range(1, min(widest, j) + 1)
+            )
+        )
+    bounds = [hkv]
+    while bounds[-1]:
+        bounds.append(bounds[-1] - best[bounds[-1]][2])
+    return tuple(bounds[::-1])
 
 
 def dense_backward(
@@ -136,17 +155,35 @@ def attention_backward(
     call: AttentionCall,
     need_dkv: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in the call's dtype; dK and dV are empty (0,) tensors without `need_dkv`."""
+    """(dQ, dK, dV) in the call's dtype, in the chunks of `chunk_bounds`; dK and dV are empty (0,) tensors without
+    `need_dkv`."""
     if grad_lse is not None:
         raise ValueError("cuDNN's attention backward takes no gradient of the log-sum-exp")
-    b, hq, hkv, groups = call.batch, call.q_heads, call.kv_heads, call.groups
-    sq, sk, dtype = call.q_len, call.kv_len, call.dtype
     dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
     held = sum(t.nbytes() for t in (q, k, v))
     sms = _device_facts(grad_out.device)[1] if grad_out.is_cuda else 1
-    n = chunk_count(call, held, dequant * out.element_size(), sms)
+    bounds = chunk_bounds(call, held, dequant * out.element_size(), sms)
+    return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv)
+
+
+def backward_in_chunks(
+    q: QuantizedTensor,
+    k: QuantizedTensor,
+    v: QuantizedTensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    call: AttentionCall,
+    bounds: list[int],
+    need_dkv: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) by cuDNN's backward over the K/V head ranges between consecutive `bounds` (with their query
+    heads), each range's operands dequantised just before it runs."""
+    b, hq, hkv, groups = call.batch, call.q_heads, call.kv_heads, call.groups
+    if bounds[0] != 0 or bounds[-1] != hkv or bounds != sorted(set(bounds)):
+        raise ValueError(f"chunk bounds must rise from 0 to {hkv} K/V heads, got {bounds}")
+    sq, sk, dtype = call.q_len, call.kv_len, call.dtype
     grad_out = grad_out.contiguous()
-    bounds = [hkv * i // n for i in range(n + 1)]
     grads: list[torch.Tensor] = []
     dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
@@ -154,7 +191,7 @@ def attention_backward(
         (qd,), (kd, vd) = dense_q(qs), dense_kv(ks)
         part = dense_backward(grad_out[:, qs], qd, kd, vd, out[:, qs], lse[:, qs], call.is_causal, call.scale)
         del qd, kd, vd
-        if n == 1:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
+        if len(bounds) == 2:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
             grads = [g.contiguous() for g in part]
             break
         if not grads:
