@@ -323,6 +323,25 @@ def profile_host(presets: list[str]) -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
+def profile_quant(presets: list[str]) -> None:
+    """The fused quantisers at the Flux shape, per preset and operand: CUDA-graph ms each (as the table's `quant`
+    column) and torch.profiler's table of the GPU kernels of one call of all three, by GPU time."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for preset in presets:
+        cfg = QuantConfig.preset(preset)
+        parts = {"Q": (q, cfg.q), "K": (k, cfg.k), "V": (v, cfg.v)}
+        times = {name: bench_ms(lambda t=t, spec=spec: TRITON.quantize(t, spec)) for name, (t, spec) in parts.items()}
+        print(f"\n{preset} quantisers (ms): " + ", ".join(f"{n} {ms:.4f}" for n, ms in times.items()))
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                for t, spec in parts.values():
+                    TRITON.quantize(t, spec)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
 def profile_decode(presets: list[str]) -> None:
     """One Triton decode per preset over a held cache (B=8, L=8192, GQA 32/8), for `ncu -k regex:_decode`."""
     q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
@@ -340,6 +359,7 @@ def main() -> None:
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a --json file (no GPU needed)")
     parser.add_argument("--profile", nargs="+", metavar="PRESET", help="only run each preset once at the Flux shape")
     parser.add_argument("--profile-host", nargs="+", metavar="PRESET", help="only cProfile eager calls (Flux shape)")
+    parser.add_argument("--profile-quant", nargs="+", metavar="PRESET", help="only time the quantisers (Flux shape)")
     parser.add_argument("--profile-decode", nargs="+", metavar="PRESET", help="only one decode per preset (B8 L8192)")
     parser.add_argument("--sweep", action="store_true", help="also B=1 H=24 D=128 over N (for the plot)")
     parser.add_argument("--skip-prefill", action="store_true")
@@ -356,6 +376,9 @@ def main() -> None:
         return
     if args.profile_decode:
         profile_decode(args.profile_decode)
+        return
+    if args.profile_quant:
+        profile_quant(args.profile_quant)
         return
     props = torch.cuda.get_device_properties(0)
     header = dict(

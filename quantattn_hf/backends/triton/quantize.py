@@ -43,7 +43,7 @@ def _quant_kernel(
     Data,
     Scale,
     Mean,
-    Partial,
+    Amax,
     S,
     D,
     H,
@@ -68,6 +68,7 @@ def _quant_kernel(
     PREC: tl.constexpr,
     SUB_MEAN: tl.constexpr,
     STAGE: tl.constexpr,
+    FROM_AMAX: tl.constexpr,
     POISON: tl.constexpr,
     QMAX: tl.constexpr,
     BH_FIRST: tl.constexpr,
@@ -104,7 +105,18 @@ def _quant_kernel(
         mean = tl.sum(x, axis=0) / count
         tl.store(Mean + bh * sm_bh + g.to(tl.int64) * sm_g + cols, mean, mask=cmask)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    if STAGE == 2:
+    if STAGE == 2 and FROM_AMAX:  # the groups' amax from the partial pass: the scale as STAGE_FULL measures it
+        if MODE == 3:
+            group_amax = tl.load(Amax + stat_base + cols[None, :] * ss_d, mask=cmask[None, :], other=0.0)
+        else:
+            group_amax = tl.load(Amax + stat_base)
+        scale = tl.div_rn(tl.maximum(group_amax, TINY_C), QMAX)
+        scale = tl.where(group_amax < float("inf"), scale, float("nan"))
+        if MODE == 3:
+            tl.store(Scale + stat_base + cols[None, :] * ss_d, scale, mask=cmask[None, :])
+        else:
+            tl.store(Scale + stat_base, scale)
+    elif STAGE == 2:
         if MODE == 3:
             scale = tl.load(Scale + stat_base + cols * ss_d, mask=cmask, other=1.0)[None, :]
             if POISON:
@@ -124,12 +136,11 @@ def _quant_kernel(
             amax = tl.max(mag, axis=0)[None, :]
         else:
             amax = tl.max(tl.max(mag, axis=1), axis=0)
-        if STAGE == 1:
-            pbase = bh * ss_bh * CPG + pid.to(tl.int64) * ss_g
+        if STAGE == 1:  # the group's amax, as a max over its tiles into Amax (zeros before, shaped as Scale)
             if MODE == 3:
-                tl.store(Partial + pbase + cols[None, :] * ss_d, amax, mask=cmask[None, :])
+                tl.atomic_max(Amax + stat_base + cols[None, :] * ss_d, amax, mask=cmask[None, :])
             else:
-                tl.store(Partial + pbase, amax)
+                tl.atomic_max(Amax + stat_base, amax)
         else:
             scale = tl.div_rn(tl.maximum(amax, TINY_C), QMAX)
             scale = tl.where(amax < float("inf"), scale, float("nan"))
@@ -209,6 +220,7 @@ def _launch_constants(x: torch.Tensor, spec: OperandQuant, poison: bool) -> dict
         MODE=MODE_CODES[spec.mode],
         PREC=PREC_CODES[spec.precision],
         QMAX=SYMMETRIC_QMAX[spec.precision],
+        FROM_AMAX=False,
     )
 
 
@@ -227,7 +239,11 @@ def _block_pass(
     nb, dg = scale.shape[2], scale.shape[3]
     t = effective_block(s, spec.block_size)
     t_pad = triton.next_power_of_2(t)
-    warps = 8 if t_pad * max(triton.next_power_of_2(d), 2) > 8192 else 4
+    # 8 warps from 8192 elements a tile for a scale per block, 16384 for per-channel scales: at the Flux shape on the
+    # H100 qk's Q (64x128 blocks) takes 25 us with 8 instead of 37 with 4, its K (block means too) 39 either way,
+    # kv-int8's K (per-channel, 64x128) 60 with 8 instead of 41 (scripts/bench_attention.py --profile-quant)
+    elements = t_pad * max(triton.next_power_of_2(d), 2)
+    warps = 8 if elements >= (8192 if spec.mode == "block" else 16384) else 4
     QUANT(
         _grid(nb, b * h),
         x, data, scale, mean if mean is not None else scale, scale, s, d, h, t, 1, *x.stride(), *data.stride(),
@@ -266,7 +282,6 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     dev = x.device
     d_pad = max(triton.next_power_of_2(d), 2)
     data = _codes_buffer(x, spec)
-    qmax = SYMMETRIC_QMAX[spec.precision]
     common = _launch_constants(x, spec, poison=False)
     x_strides = x.stride()
     o_strides = data.stride()
@@ -290,16 +305,15 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     s_strides = (nb * dg, dg, 1 if spec.mode == "channel" else 0)
     rows = max(1, min(256, TILE_ELEMENTS // 2 // d_pad))
     cpg = triton.cdiv(t, rows)
-    partial = torch.empty((b, h, nb, cpg, dg), device=dev, dtype=torch.float32)
+    amax = torch.zeros_like(scale)  # each group's amax, maxed into by its tiles
     grid = _grid(nb * cpg, b * h)
     args = (s, d, h, t, cpg, *x_strides, *o_strides, *s_strides, 0, 0)
     QUANT(grid,
-        x, data, scale, scale, partial, *args,
+        x, data, scale, scale, amax, *args,
         ROWS=rows, SUB_MEAN=False, STAGE=STAGE_PARTIAL_AMAX, num_warps=8, **common,
     )  # fmt: skip
-    amax = partial.amax(dim=3)
-    scale.copy_(torch.where(torch.isfinite(amax), amax.clamp_min(TINY) / qmax, float("nan")))
     QUANT(grid,
-        x, data, scale, scale, scale, *args, ROWS=rows, SUB_MEAN=False, STAGE=STAGE_APPLY, num_warps=8, **common
+        x, data, scale, scale, amax, *args,
+        ROWS=rows, SUB_MEAN=False, STAGE=STAGE_APPLY, num_warps=8, **{**common, "FROM_AMAX": True},
     )  # fmt: skip
     return QuantizedTensor(data, scale, None, None, spec, (b, h, s, d), x.dtype, strategy_version)
