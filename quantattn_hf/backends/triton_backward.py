@@ -18,7 +18,7 @@ from ..quant import QuantizedTensor
 from .base import AttentionCall
 from .triton.interpreter_compat import patch_interpreter
 from .triton.launch import _empty, _mask_args
-from .triton.operands import KernelOperand
+from .triton.operands import KernelOperand, qkv_launch_parts
 from .triton.tiles import cast, dot_operand, load_dequant
 from .triton.tuning import autotuning, bucket, interpreting
 
@@ -369,10 +369,9 @@ def attention_backward(
         sq, hq, dv, HAS_DLSE=grad_lse is not None, DV_PAD=dv_pad, BLOCK_M=block, num_warps=4,
     )  # fmt: skip
     mask_kind, mask_args = _mask_args(call, lse2)
+    operands, qkv_consts = qkv_launch_parts(qo, ko, vo)
     consts = dict(
-        **qo.constexprs("Q"),
-        **ko.constexprs("K"),
-        **vo.constexprs("V"),
+        **qkv_consts,
         DTYPE=TL_DTYPES[call.dtype],
         DOT_PREC=dot_precision(call.dtype),
         IS_CAUSAL=call.is_causal,
@@ -381,7 +380,6 @@ def attention_backward(
         D_PAD=d_pad,
         DV_PAD=dv_pad,
     )
-    operands = (*qo.args(), *ko.args(), *vo.args())
     sizes = (call.groups, d, dv, call.scale, bucket(sq), bucket(sk))
     dq_grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _bwd_dq[dq_grid](

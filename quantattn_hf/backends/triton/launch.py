@@ -13,7 +13,7 @@ from ..base import AttentionCall
 from .attention import _attn_fwd, q_dot_mean
 from .decode import _decode_merge, _decode_split
 from .fastlaunch import LaunchCache
-from .operands import MODE_BLOCK, KernelOperand
+from .operands import MODE_BLOCK, KernelOperand, qkv_launch_parts
 from .tuning import bucket, decode_splits, interpreting
 
 MAX_GRID_Y = 65535
@@ -85,10 +85,9 @@ def run_attention(
     mask_kind, mask_args = _mask_args(call, q.data)
     d_pad = max(16, triton.next_power_of_2(call.head_dim))
     dv_pad = max(16, triton.next_power_of_2(dv))
+    operands, qkv_consts = qkv_launch_parts(qo, ko, vo)
     consts = dict(
-        **qo.constexprs("Q"),
-        **ko.constexprs("K"),
-        **vo.constexprs("V"),
+        **qkv_consts,
         P_ROUND=3 if call.config.p.precision == "fp8_e4m3" else 0,
         QK_DTYPE=TL_DTYPES[qk_dtype],
         PV_DTYPE=TL_DTYPES[pv_dtype],
@@ -98,7 +97,6 @@ def run_attention(
         D_PAD=d_pad,
         DV_PAD=dv_pad,
     )
-    operands = (*qo.args(), *ko.args(), *vo.args())
     if decode:
         _run_decode(operands, mask_args, out, lse, call, fill, consts)
         return out, lse

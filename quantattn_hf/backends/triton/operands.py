@@ -100,3 +100,9 @@ class KernelOperand:
         """FP8 with one scale per channel over the whole sequence (or per tensor): the FP8 P·V path."""
         whole = self.mode == MODE_TENSOR or (self.mode == MODE_CHANNEL and self.scale.shape[2] == 1)
         return self.prec == PREC_FP8 and whole and not self.has_zero and not self.has_mean
+
+
+def qkv_launch_parts(q: KernelOperand, k: KernelOperand, v: KernelOperand) -> tuple[tuple, dict[str, int | bool]]:
+    """(runtime arguments, compile-time codes) of Q, K and V, as the attention kernels forward and backward take
+    them."""
+    return (*q.args(), *k.args(), *v.args()), {**q.constexprs("Q"), **k.constexprs("K"), **v.constexprs("V")}
