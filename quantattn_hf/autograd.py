@@ -297,21 +297,10 @@ class _TrainAttention(torch.autograd.Function):
         return _backward_train(ctx, grads)
 
 
-def attention_train(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    config_json: str,
-    backend: str,
-    static: list[torch.Tensor | None],
-) -> tuple[torch.Tensor, ...]:
-    """(out, lse, held parts...) with autograd: the op where torch.compile traces (or tensor subclasses
-    dispatch), else the same functions called directly."""
-    inputs = (query, key, value, attn_mask, is_causal, scale, config_json, backend, static)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (query, key, value)):
+def attention_train(*inputs: object) -> tuple[torch.Tensor, ...]:
+    """`quantattn::attention_train(*inputs)` with autograd: (out, lse, held parts...). The op where torch.compile
+    traces (or tensor subclasses dispatch), else the same functions called directly."""
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in inputs[:3]):
         return tuple(torch.ops.quantattn.attention_train(*inputs))
     return _TrainAttention.apply(*inputs)
 

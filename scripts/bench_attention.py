@@ -281,9 +281,15 @@ def plot(json_path: str, png_path: str) -> None:
     fig.savefig(png_path, dpi=120)
 
 
+def flux_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 Q, K, V of the Flux shape (B=1, H=24, N=4608, D=128) for the profiling modes."""
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+
 def profile_once(presets: list[str]) -> None:
     """One Triton call per preset at the Flux shape, for `ncu -k regex:_attn_fwd` (QUANTATTN_TRITON_AUTOTUNE=0)."""
-    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = flux_inputs()
     for preset in presets:
         quantized_attention(q, k, v, config=preset, backend="triton")
     torch.cuda.synchronize()
@@ -295,7 +301,7 @@ def profile_host(presets: list[str]) -> None:
     import cProfile
     import pstats
 
-    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = flux_inputs()
     for preset in presets:
 
         def calls(n: int, preset: str = preset) -> None:
@@ -325,9 +331,8 @@ def profile_host(presets: list[str]) -> None:
 
 def profile_quant(presets: list[str]) -> None:
     """The fused quantisers at the Flux shape, per preset and operand: CUDA-graph ms each (as the table's `quant`
-    column) and torch.profiler's table of the GPU kernels of one call of all three, by GPU time."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 24, 4608, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    column) and torch.profiler's table of the GPU kernels of ten calls of all three, by GPU time."""
+    q, k, v = flux_inputs()
     for preset in presets:
         cfg = QuantConfig.preset(preset)
         parts = {"Q": (q, cfg.q), "K": (k, cfg.k), "V": (v, cfg.v)}

@@ -25,15 +25,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from bench_train import LAYERS, MIB, attention_fn  # this folder's script: the same layers, SDPA and preset calls
 
 from quantattn_hf import QuantConfig, quantize, quantized_attention
 from quantattn_hf.autograd import _attention_bwd_op, make_call
 from quantattn_hf.backends import cudnn_backward
 from quantattn_hf.backends.triton.dequantize import HeadDequantizer
-
-LAYERS = {"flux": (1, 24, 24, 4608, 128, False), "llama": (1, 32, 8, 4096, 128, True)}
-MIB = 1 << 20
 
 
 def plan_text(bounds: list[int]) -> str:
@@ -49,15 +46,7 @@ def measure(fn, reps: int) -> dict:
     fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = time.perf_counter() - start
-    torch.cuda.synchronize()
-    eager = time.perf_counter() - start
+    host, eager = timed_calls(fn, reps)
     gpu = None
     try:
         graph = torch.cuda.CUDAGraph()
@@ -74,11 +63,12 @@ def measure(fn, reps: int) -> dict:
         del graph
     except RuntimeError as exc:  # a launch that cannot be captured: GPU time unknown
         print(f"    (no CUDA graph: {str(exc).splitlines()[0][:100]})")
-    return {"gpu_ms": gpu, "eager_ms": eager * 1e3 / reps, "host_ms": host * 1e3 / reps, "peak_bytes": peak}
+    return {"gpu_ms": gpu, "eager_ms": eager, "host_ms": host, "peak_bytes": peak}
 
 
-def host_only(fn, reps: int) -> float:
-    """Python ms per call of fn, with the GPU left to catch up after (launches are asynchronous)."""
+def timed_calls(fn, reps: int) -> tuple[float, float]:
+    """(host ms, wall ms) per call of fn over `reps` calls back to back after a warm one: the host's is its Python
+    time (launches are asynchronous, the GPU catches up after), the wall one ends when the GPU does."""
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -86,7 +76,7 @@ def host_only(fn, reps: int) -> float:
         fn()
     host = time.perf_counter() - start
     torch.cuda.synchronize()
-    return host * 1e3 / reps
+    return host * 1e3 / reps, (time.perf_counter() - start) * 1e3 / reps
 
 
 def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> list[dict]:
@@ -101,9 +91,7 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
     )
     call = make_call(q, q.shape, v.shape, None, causal, d**-0.5, cfg)
     held_bytes = sum(t.nbytes() for t in held)
-    dequant = 2 * sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in held if t.spec.quantized)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    policy = cudnn_backward.chunk_bounds(call, held_bytes, dequant, sms)
+    policy = cudnn_backward.held_chunk_bounds(*held, call)
     dense = [t.dequantize(torch.bfloat16) for t in held]
     dense_bytes = sum(t.nbytes for t in (q, k, v))
 
@@ -160,7 +148,7 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
             dout, None, out, lse, *parts, None, causal, call.scale, cfg.to_json(), "triton", [None] * 3, True
         ),
     }
-    host = {name: host_only(fn, reps) for name, fn in steps.items()}
+    host = {name: timed_calls(fn, reps)[0] for name, fn in steps.items()}
     rows.append({"layer": layer, "preset": preset, "plan": "host steps", "host_steps_ms": host})
     rows.append({"layer": layer, "preset": preset, "plan": "autograd", **autograd_host(layer, preset, args)})
     return rows
@@ -177,14 +165,9 @@ def autograd_host(layer: str, preset: str, args) -> dict:
         for h in (hq, hkv, hkv)
     ]
     dout = torch.randn(b, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    methods = {
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True),
-        preset: lambda q, k, v: quantized_attention(
-            q, k, v, config=preset, is_causal=causal, enable_gqa=True, backend="triton"
-        ),
-    }
     result: dict = {}
-    for name, attn in methods.items():
+    for name in ("sdpa", preset):
+        attn = attention_fn(name, causal, "triton")
 
         def chain(attn=attn) -> torch.Tensor:
             q = leaves[0]

@@ -159,11 +159,16 @@ def attention_backward(
     `need_dkv`."""
     if grad_lse is not None:
         raise ValueError("cuDNN's attention backward takes no gradient of the log-sum-exp")
+    return backward_in_chunks(q, k, v, out, lse, grad_out, call, held_chunk_bounds(q, k, v, call), need_dkv)
+
+
+def held_chunk_bounds(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall) -> list[int]:
+    """`chunk_bounds` for these held operands on their device: their bytes, their dense copies' bytes, its SMs."""
     dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
     held = sum(t.nbytes() for t in (q, k, v))
-    sms = _device_facts(grad_out.device)[1] if grad_out.is_cuda else 1
-    bounds = chunk_bounds(call, held, dequant * out.element_size(), sms)
-    return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv)
+    device = k.data.device
+    sms = _device_facts(device)[1] if device.type == "cuda" else 1
+    return chunk_bounds(call, held, dequant * call.dtype.itemsize, sms)
 
 
 def backward_in_chunks(

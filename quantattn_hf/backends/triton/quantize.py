@@ -105,18 +105,7 @@ def _quant_kernel(
         mean = tl.sum(x, axis=0) / count
         tl.store(Mean + bh * sm_bh + g.to(tl.int64) * sm_g + cols, mean, mask=cmask)
         x = tl.where(m2, x - mean[None, :], 0.0)
-    if STAGE == 2 and FROM_AMAX:  # the groups' amax from the partial pass: the scale as STAGE_FULL measures it
-        if MODE == 3:
-            group_amax = tl.load(Amax + stat_base + cols[None, :] * ss_d, mask=cmask[None, :], other=0.0)
-        else:
-            group_amax = tl.load(Amax + stat_base)
-        scale = tl.div_rn(tl.maximum(group_amax, TINY_C), QMAX)
-        scale = tl.where(group_amax < float("inf"), scale, float("nan"))
-        if MODE == 3:
-            tl.store(Scale + stat_base + cols[None, :] * ss_d, scale, mask=cmask[None, :])
-        else:
-            tl.store(Scale + stat_base, scale)
-    elif STAGE == 2:
+    if STAGE == 2 and not FROM_AMAX:  # given scales
         if MODE == 3:
             scale = tl.load(Scale + stat_base + cols * ss_d, mask=cmask, other=1.0)[None, :]
             if POISON:
@@ -128,14 +117,20 @@ def _quant_kernel(
                 scale = tl.where(tl.max(tl.max(hit, axis=1), axis=0) > 0, float("nan"), scale)
                 tl.store(Scale + stat_base, scale)
     else:
-        mag = tl.where(x == x, tl.abs(x), float("inf"))
-        mag = tl.where(m2, mag, 0.0)
-        if MODE == 2:
-            amax = tl.max(mag, axis=1)[:, None]
-        elif MODE == 3:
-            amax = tl.max(mag, axis=0)[None, :]
+        if FROM_AMAX:  # the group's amax from the partial pass
+            if MODE == 3:
+                amax = tl.load(Amax + stat_base + cols[None, :] * ss_d, mask=cmask[None, :], other=0.0)
+            else:
+                amax = tl.load(Amax + stat_base)
         else:
-            amax = tl.max(tl.max(mag, axis=1), axis=0)
+            mag = tl.where(x == x, tl.abs(x), float("inf"))
+            mag = tl.where(m2, mag, 0.0)
+            if MODE == 2:
+                amax = tl.max(mag, axis=1)[:, None]
+            elif MODE == 3:
+                amax = tl.max(mag, axis=0)[None, :]
+            else:
+                amax = tl.max(tl.max(mag, axis=1), axis=0)
         if STAGE == 1:  # the group's amax, as a max over its tiles into Amax (zeros before, shaped as Scale)
             if MODE == 3:
                 tl.atomic_max(Amax + stat_base + cols[None, :] * ss_d, amax, mask=cmask[None, :])
