@@ -11,7 +11,9 @@ ops with fake implementations, so torch.compile traces forward and backward.
 `quantattn::attention_held_kv` (pre-quantised K/V) gets a backward for the query here too.
 `quantized_attention` calls `attention_train` when autograd records and Q, K or V requires a gradient: the
 op under torch.compile, else the same forward and backward functions through an autograd.Function. The mask, the
-scale and calibrated statistics get no gradient.
+scale and calibrated statistics get no gradient. An eager backward that does not keep its graph (no
+retain_graph) frees the held parts once dequantised (cuDNN's path): they are the forward's own (the eager route
+does not return them), and the peak of that backward is then SDPA's.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def _attention_bwd(
     backend: str,
     q_static: list[torch.Tensor | None],
     need_dkv: bool,
+    release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     config = _config_from_json(config_json)
     sv, dtype = config.strategy_version, grad_out.dtype
@@ -145,26 +148,35 @@ def _attention_bwd(
     else:
         qq = QuantizedTensor(q_data, q_scale, q_zero, q_mean, config.q, _held_shape(q_data, config.q), dtype, sv)
     call = make_call(grad_out, qq.shape, vq.shape, attn_mask, is_causal, scale, config)
-    dq, dk, dv = attention_backward(qq, kq, vq, out, lse, grad_out, grad_lse, call, backend, need_dkv)
+    dq, dk, dv = attention_backward(qq, kq, vq, out, lse, grad_out, grad_lse, call, backend, need_dkv, release_held)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 _attention_bwd_op = torch.library.custom_op("quantattn::attention_bwd", mutates_args=())(_attention_bwd)
 
 
-def _backward_kernels(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernels(*args, release_held: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward op where a graph is traced or recorded (torch.compile, create_graph), else its function
-    called directly on plain tensors: the dispatcher's argument checks cost host time that a chunked backward
-    cannot spare."""
+    called directly on plain tensors: the dispatcher's argument checks cost host time that a layer's backward
+    cannot spare. `release_held` (the held operands are the forward's own and this backward runs once) applies
+    to the direct call only: a traced graph keeps its inputs."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
         return _attention_bwd_op(*args)
-    return _attention_bwd(*args)
+    return _attention_bwd(*args, release_held and not _graph_kept())
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps its graph (retain_graph), so that saved tensors are read again; True
+    where torch cannot say."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else kept()
 
 
 @_attention_bwd_op.register_fake
 def _attention_bwd_fake(
     grad_out, grad_lse, out, lse, q_data, q_scale, q_zero, q_mean, k_data, k_scale, k_zero, k_mean,
     v_data, v_scale, v_zero, v_mean, attn_mask, is_causal, scale, config_json, backend, q_static, need_dkv,
+    release_held=False,
 ):  # fmt: skip
     config = _config_from_json(config_json)
     dq = grad_out.new_empty((*grad_out.shape[:3], _held_shape(q_data, config.q)[3]))
@@ -214,14 +226,16 @@ def attention_backward(
     call: AttentionCall,
     backend: str = "",
     need_dkv: bool = True,
+    release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) over held operands by cuDNN's or the Triton kernels where they serve, else the reference.
 
     Without `need_dkv`, dK and dV are empty (0,) tensors (and only dQ is computed where the kernels allow).
+    `release_held`: the quantised operands are read by no one after this call; the kernels may free them early.
     """
     kernels = _backward_backend(backend, grad_out.device, call, grad_lse)
     if kernels is not None:
-        return kernels.attention_backward(q, k, v, out, lse, grad_out, grad_lse, call, need_dkv)
+        return kernels.attention_backward(q, k, v, out, lse, grad_out, grad_lse, call, need_dkv, release_held)
     compute = torch.float64 if call.dtype == torch.float64 else torch.float32
     dq, dk, dv = _reference_backward.attention_backward(
         q.dequantize(compute), k.dequantize(compute), v.dequantize(compute), out, lse, grad_out, grad_lse, call
@@ -247,15 +261,14 @@ def _setup_train(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward_train(ctx, grads):
+def _backward_train(ctx, grads, release_held: bool = False):
     grad_out, grad_lse = grads[0], grads[1]
     out, lse, *parts, attn_mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     need_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dq, dk, dv = _backward_kernels(
-        grad_out, grad_lse, out, lse, *parts, attn_mask, *ctx.args, [None, None, None], need_dkv
-    )
+    args = (grad_out, grad_lse, out, lse, *parts, attn_mask, *ctx.args, [None, None, None], need_dkv)
+    dq, dk, dv = _backward_kernels(*args, release_held=release_held)
     return (dq, dk if need_dkv else None, dv if need_dkv else None, None, None, None, None, None, None)
 
 
@@ -273,9 +286,8 @@ def _backward_held(ctx, grad_out, grad_lse):
     kv, attn_mask, q_static = rest[:8], rest[8], list(rest[9 : 9 + ctx.n_static])
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq = _backward_kernels(
-        grad_out, grad_lse, out, lse, query, None, None, None, *kv, attn_mask, *ctx.args, q_static, False
-    )[0]
+    args = (grad_out, grad_lse, out, lse, query, None, None, None, *kv, attn_mask, *ctx.args, q_static, False)
+    dq = _backward_kernels(*args, release_held=False)[0]  # the held K/V are the caller's (a cache)
     return (dq, *([None] * 14))
 
 
@@ -284,22 +296,26 @@ torch.library.register_autograd("quantattn::attention_train", _backward_train, s
 
 class _TrainAttention(torch.autograd.Function):
     """`quantattn::attention_train` and its autograd without the dispatcher, for eager training: the
-    dispatcher's checks of 9 inputs and 14 outputs, each way, cost host time that a layer cannot spare."""
+    dispatcher's checks of 9 inputs and 14 outputs, each way, cost host time that a layer cannot spare. Its outputs
+    are (out, lse) alone: the held parts are saved for backward, not returned (12 fewer outputs to record and to
+    take gradients for)."""
 
     @staticmethod
-    def forward(*inputs):
-        return tuple(_attention_train(*inputs))
-
-    setup_context = staticmethod(_setup_train)
+    def forward(ctx, *inputs):
+        result = _attention_train(*inputs)
+        _setup_train(ctx, inputs, result)
+        return result[0], result[1]
 
     @staticmethod
     def backward(ctx, *grads):
-        return _backward_train(ctx, grads)
+        return _backward_train(ctx, grads, release_held=True)  # the held parts are nobody else's
 
 
 def attention_train(*inputs: object) -> tuple[torch.Tensor, ...]:
-    """`quantattn::attention_train(*inputs)` with autograd: (out, lse, held parts...). The op where torch.compile
-    traces (or tensor subclasses dispatch), else the same functions called directly."""
+    """(out, lse) of `quantattn::attention_train(*inputs)` with autograd, and the held parts where the op runs: the
+    op where torch.compile traces (or tensor subclasses dispatch), else the same functions through
+    `_TrainAttention`, which keeps the held parts to itself and frees them in a backward that does not retain the
+    graph."""
     if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in inputs[:3]):
         return tuple(torch.ops.quantattn.attention_train(*inputs))
     return _TrainAttention.apply(*inputs)

@@ -1,8 +1,9 @@
 """cuDNN's backward over quantised operands, by head-chunk plan: GPU time, host time and peak memory.
 
-The evidence for the chunk policy of `quantattn_hf/backends/cudnn_backward.py`. Per layer (Flux- and
-Llama-sized, as in bench_train) and preset, each plan (the K/V heads of each chunk, e.g. `10+7+7`) runs
-`backward_in_chunks` and is reported with:
+The evidence for the chunk policy of `quantattn_hf/backends/cudnn_backward.py`, which serves backwards that keep
+the held operands (retain_graph, traced graphs; eager training frees them and runs one chunk, see bench_train).
+Per layer (Flux- and Llama-sized, as in bench_train) and preset, each plan (the K/V heads of each chunk, e.g.
+`10+7+7`) runs `backward_in_chunks` over held operands it keeps and is reported with:
 - GPU ms: the plan's launches replayed from a CUDA graph, so without host time;
 - eager ms: the plan launched as the library launches it, `--reps` calls back to back, per call;
 - host ms: the Python time of those calls (launches are asynchronous, so this is what the host spends);
@@ -11,8 +12,8 @@ Llama-sized, as in bench_train) and preset, each plan (the K/V heads of each chu
 The baseline row `sdpa` is SDPA's own backward kernel (cuDNN) over the dense operands. `policy` marks the plan
 `chunk_bounds` picks. Then the host time of each step of one chunk and of the whole backward op, and, through
 autograd over a chain of `--chain` layers as bench_train times it, the backward's host ms and wall ms per layer
-for SDPA and the preset; with `--profile`, a torch.profiler table of the preset's backward (host time by op
-and CUDA runtime call).
+for SDPA and the preset (the default backward: one chunk, held operands released); with `--profile`, a
+torch.profiler table of the preset's backward (host time by op and CUDA runtime call).
 
     python scripts/bench_backward_chunks.py --json out/chunks.json
 """

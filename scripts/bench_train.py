@@ -6,12 +6,15 @@ recording), forward+backward ms, backward ms (timed alone, after an untimed forw
 chain of `--chain` layers (default 4; each layer's output is the next one's query, so the host's work for one
 layer overlaps the GPU's for another as in a model), bytes saved for backward (tensors
 autograd keeps after the forward; Q, K, V come from a projection stand-in so that nothing else holds
-them) and, on CUDA, the peak memory of forward+backward above the inputs, both of one layer. `--tiny` runs small shapes
-on the CPU as a smoke test.
+them) and, on CUDA, the peak memory of forward+backward above the inputs, of one layer and of the whole chain
+(a model's peak: every layer's saved tensors, then one layer's backward). `--tiny` runs small shapes on the CPU as
+a smoke test.
 
 A preset may name its backward kernels after a slash: `kv-int8/triton` runs the Triton backward kernels,
-`kv-int8/2` cuDNN's backward in 2 head chunks (`QUANTATTN_CUDNN_BACKWARD`, set for that row only); a bare
-preset takes the default (cuDNN's backward with the chunk count of `backends/cudnn_backward.py` on CUDA).
+`kv-int8/2` cuDNN's backward in 2 head chunks (`QUANTATTN_CUDNN_BACKWARD`, set for that row only),
+`kv-int8/retain` every backward with retain_graph=True (the held operands then stay to the end, and cuDNN's
+backward runs in the head chunks that keep the peak at SDPA's); a bare preset takes the default (on CUDA cuDNN's
+backward, once over all heads where the held operands are released as they are dequantised).
 
     python scripts/bench_train.py --json out/bench_train.json
     python scripts/bench_train.py --plot out/bench_train.json docs/bench_train.png
@@ -41,7 +44,7 @@ LAYERS = {  # name: (B, Hq, Hkv, N, D, causal)
     "llama": (1, 32, 8, 4096, 128, True),
 }
 TINY_LAYERS = {"flux": (1, 2, 2, 96, 64, False), "llama": (1, 4, 2, 80, 64, True)}
-DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8", "kv-int8/triton", "kv-int8/1")
+DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8", "kv-int8/triton", "kv-int8/retain")
 MIB = 1 << 20
 SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -65,14 +68,16 @@ def timed(fn, device: torch.device, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def timed_backward(forward, dout: torch.Tensor, device: torch.device, warmup: int, reps: int) -> float:
+def timed_backward(
+    forward, dout: torch.Tensor, device: torch.device, warmup: int, reps: int, retain: bool = False
+) -> float:
     """Median wall time in ms of the backward alone, each after a fresh forward that is not timed."""
     times = []
     for i in range(warmup + reps):
         out = forward()
         _sync(device)
         start = time.perf_counter()
-        out.backward(dout)
+        out.backward(dout, retain_graph=retain)
         _sync(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
@@ -99,10 +104,10 @@ def attention_fn(method: str, causal: bool, backend: str | None):
 def backward_kernels(method: str) -> contextlib.AbstractContextManager:
     """For `preset/triton` or `preset/n`, QUANTATTN_CUDNN_BACKWARD set to 0 or n while the row runs."""
     choice = method.partition("/")[2]
-    if not choice:
+    if choice in ("", "retain"):
         return contextlib.nullcontext()
     if choice != "triton" and not choice.isdigit():
-        raise ValueError(f"{method}: the backward after '/' is 'triton' or a chunk count")
+        raise ValueError(f"{method}: the backward after '/' is 'triton', 'retain' or a chunk count")
     return mock.patch.dict(os.environ, {"QUANTATTN_CUDNN_BACKWARD": "0" if choice == "triton" else choice})
 
 
@@ -120,6 +125,7 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
     ]
     dout = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
     attn = attention_fn(method, causal, args.backend)
+    retain = method.endswith("/retain")
 
     def forward() -> torch.Tensor:
         # `x * 1` stands in for the Q/K/V projections: non-leaf tensors only the attention can keep alive
@@ -134,12 +140,15 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
         return q
 
     def forward_backward() -> None:
-        chain().backward(dout)
+        chain().backward(dout, retain_graph=retain)
 
     per_layer = 1.0 / args.chain
     fwd_ms = timed(chain, device, args.warmup, args.reps) * per_layer  # the training forward: records the graph
     train_ms = timed(forward_backward, device, args.warmup, args.reps) * per_layer
-    bwd_ms = timed_backward(chain, dout, device, args.warmup, args.reps) * per_layer
+    bwd_ms = timed_backward(chain, dout, device, args.warmup, args.reps, retain) * per_layer
+    for x in leaves:
+        x.grad = None
+    chain_peak = peak_mib(forward_backward, device)
     for x in leaves:
         x.grad = None
 
@@ -149,20 +158,15 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
     leaf_ptrs = {x.untyped_storage().data_ptr() for x in leaves}
+
+    def layer_forward_backward() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()
+        out.backward(dout, retain_graph=retain)
+
+    peak = peak_mib(layer_forward_backward, device)
     saved_bytes = sum(nb for ptr, nb in saved.items() if ptr not in leaf_ptrs)
-    out.backward(dout)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / MIB
-    del out
     return {
         "method": method,
         "fwd_ms": fwd_ms,
@@ -170,7 +174,21 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
         "bwd_ms": bwd_ms,
         "saved_mib": saved_bytes / MIB,
         "peak_mib": peak,
+        "chain_peak_mib": chain_peak,
     }
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    """Runs fn; on CUDA its peak memory above what was allocated before it, in MiB (None elsewhere)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -181,7 +199,8 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def plot(json_path: str, png_path: str) -> None:
     """Each method's backward time against its peak memory, both as ratios to SDPA's, one panel per layer, with
-    the target region (time within 1.2x, peak below SDPA's) shaded; from a --json file, needs no GPU."""
+    the target region (time within 1.2x, peak below SDPA's) shaded: filled markers the one layer's peak, hollow
+    ones the chain's (where the file has it); from a --json file, needs no GPU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,8 +216,13 @@ def plot(json_path: str, png_path: str) -> None:
     for ax, layer in zip(axes[0], layers, strict=True):
         ax.fill_between([0, 1.2], 0, 1.0, color="tab:green", alpha=0.15, label="target: time <= 1.2x, peak <= 1.0x")
         markers = iter("osD^v<>phX*" * 3)
+        colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
         for r in (r for r in rows if r["layer"] == layer):
-            ax.scatter(r["bwd_vs_sdpa"], r["peak_vs_sdpa"], s=50, marker=next(markers), label=r["method"])
+            marker, color = next(markers), next(colors)
+            ax.scatter(r["bwd_vs_sdpa"], r["peak_vs_sdpa"], s=50, marker=marker, color=color, label=r["method"])
+            if r.get("chain_peak_vs_sdpa") is not None:
+                ax.scatter(r["bwd_vs_sdpa"], r["chain_peak_vs_sdpa"], s=50, marker=marker, facecolors="none",
+                           edgecolors=color)  # fmt: skip
         shape = ",".join(str(x) for x in rows[[r["layer"] for r in rows].index(layer)]["shape"])
         ax.set_xscale("log")
         ticks = [1, 1.2, 1.5, 2, 3, 4, 6, 8]
@@ -206,7 +230,7 @@ def plot(json_path: str, png_path: str) -> None:
         ax.set_xlim(0.8, max(r["bwd_vs_sdpa"] for r in rows) * 1.4)
         ax.set_ylim(0.4, max(r["peak_vs_sdpa"] for r in rows) * 1.1)
         ax.set_xlabel("backward time / SDPA's (log scale)")
-        ax.set_ylabel("peak memory of forward+backward / SDPA's")
+        ax.set_ylabel("peak memory of forward+backward / SDPA's (hollow: the chain's)")
         ax.set_title(f"{layer} (B,Hq,Hkv,N,D,causal = {shape})", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
@@ -228,7 +252,7 @@ def main() -> None:
         help="extra SDPA rows pinned to one kernel: sdpa-flash, sdpa-cudnn (default on CUDA: both; CPU: none)",
     )
     parser.add_argument(
-        "--chain", type=int, default=4, help="times are per layer of a chain of this many layers (memory: one layer)"
+        "--chain", type=int, default=4, help="times are per layer of a chain of this many layers; `chain peak` its peak"
     )
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
@@ -272,7 +296,8 @@ def main() -> None:
 
     header = (
         f"{'layer':<6} {'B,Hq,Hkv,N,D,causal':<26} {'method':<15} {'fwd ms':>8} {'fwd+bwd':>9} {'bwd ms':>8} "
-        f"{'bwd/SDPA':>9} {'saved MiB':>10} {'saved/SDPA':>11} {'peak MiB':>9} {'peak/SDPA':>10}"
+        f"{'bwd/SDPA':>9} {'saved MiB':>10} {'saved/SDPA':>11} {'peak MiB':>9} {'peak/SDPA':>10} "
+        f"{'chain peak':>11} {'/SDPA':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -281,11 +306,15 @@ def main() -> None:
         r["bwd_vs_sdpa"] = r["bwd_ms"] / base["bwd_ms"] if base["bwd_ms"] > 0 else None
         r["saved_vs_sdpa"] = r["saved_mib"] / base["saved_mib"] if base["saved_mib"] else None
         r["peak_vs_sdpa"] = r["peak_mib"] / base["peak_mib"] if r["peak_mib"] and base["peak_mib"] else None
+        r["chain_peak_vs_sdpa"] = (
+            r["chain_peak_mib"] / base["chain_peak_mib"] if r["chain_peak_mib"] and base["chain_peak_mib"] else None
+        )
         shape = ",".join(str(x) for x in r["shape"])
         print(
             f"{r['layer']:<6} {shape:<26} {r['method']:<15} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>9.3f} "
             f"{r['bwd_ms']:>8.3f} {_fmt(r['bwd_vs_sdpa'], '>9.2f')} {r['saved_mib']:>10.2f} "
-            f"{_fmt(r['saved_vs_sdpa'], '>11.2f')} {_fmt(r['peak_mib'], '>9.1f')} {_fmt(r['peak_vs_sdpa'], '>10.2f')}"
+            f"{_fmt(r['saved_vs_sdpa'], '>11.2f')} {_fmt(r['peak_mib'], '>9.1f')} {_fmt(r['peak_vs_sdpa'], '>10.2f')} "
+            f"{_fmt(r['chain_peak_mib'], '>11.1f')} {_fmt(r['chain_peak_vs_sdpa'], '>6.2f')}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -266,3 +266,27 @@ def test_eager_training_skips_the_dispatcher_and_recorded_backward_goes_through_
     assert "quantattn" in type(through_ops.grad_fn).__name__
     for a, b, c in zip(direct, recorded, torch.autograd.grad(through_ops, (q, k, v), dout), strict=True):
         assert torch.equal(a, b.detach()) and torch.equal(a, c)
+
+
+def test_backward_releases_the_held_parts_only_when_it_runs_once_on_its_own_operands(gen, monkeypatch):
+    """The train route lets the kernels free the held parts (they are the forward's own) in a backward that does
+    not keep its graph; retain_graph, a recorded backward (create_graph, the op's) and held K/V (the caller's
+    cache) never do. The gradients are the same either way."""
+    from quantattn_hf import autograd
+
+    seen = []
+    backward = autograd.attention_backward
+    monkeypatch.setattr(autograd, "attention_backward", lambda *a: seen.append(a[10]) or backward(*a))
+    q, k, v, dout = inputs(gen, b=1, hq=4, hkv=2, sq=12, sk=12, d=16)
+    kw = {"config": "kv-int8", "enable_gqa": True}
+    once = torch.autograd.grad(quantized_attention(q, k, v, **kw), (q, k, v), dout)
+    out = quantized_attention(q, k, v, **kw)
+    kept = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), dout)
+    torch.autograd.grad(quantized_attention(q, k, v, **kw), (q, k, v), dout, create_graph=True)
+    cfg = QuantConfig.preset("kv-int8")
+    kq, vq = (quantize(t.detach(), s) for t, s in ((k, cfg.k), (v, cfg.v)))
+    torch.autograd.grad(quantized_attention(q, kq, vq, **kw), (q,), dout)
+    assert seen == [True, False, True, False, False]
+    for a, b, c in zip(once, kept, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -244,6 +244,56 @@ def test_chunked_backward_bookkeeping_against_float64_autograd(name, chunks, nee
         assert got[1].shape == got[2].shape == (0,)
 
 
+@needs_kernels
+@pytest.mark.parametrize("name", ["kv-int8", "qk-int8-pv-fp8"])
+@pytest.mark.parametrize("chunks", ["1", "3"])
+def test_released_operands_are_freed_after_their_last_dequantisation(name, chunks, gen, monkeypatch):
+    """With `release_held`, the quantised operands' storage is freed after the last chunk's dequantisation and
+    before its cuDNN call (every earlier call sees it whole); unquantised ones (kv's Q) are untouched; the
+    gradients are bit-identical to those of a backward that keeps them (cuDNN replaced by the float64 reference
+    on the CPU)."""
+    monkeypatch.setenv(cudnn_backward.ENV, chunks)
+    cfg = QuantConfig.preset(name)
+    dense = _reference_dense(cfg)
+    q, k, v, dout = (t.detach().to(DEVICE) for t in inputs(gen, b=1, hq=8, hkv=4, sq=40, sk=40, d=32))
+    out, lse = quantized_attention(q, k, v, config=cfg, backend="reference", return_lse=True, enable_gqa=True)
+    call = make_call(q, q.shape, v.shape, None, False, 32**-0.5, cfg)
+    grads = []
+    for release in (False, True):
+        held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
+        parts = [p for t in held if t.spec.quantized for p in (t.data, t.scale, t.zero_point, t.mean) if p is not None]
+        sizes = []
+        monkeypatch.setattr(
+            cudnn_backward,
+            "dense_backward",
+            lambda *a, _p=parts, _s=sizes: _s.append([x.untyped_storage().nbytes() for x in _p]) or dense(*a),
+        )
+        grads.append(cudnn_backward.attention_backward(*held, out, lse, dout, None, call, True, release))
+        freed = [x.untyped_storage().nbytes() == 0 for x in parts]
+        assert freed == [release] * len(parts)
+        assert all(n > 0 for step in sizes[:-1] for n in step)
+        assert all((n == 0) == release for n in sizes[-1])
+        assert held[0].spec.quantized or held[0].data.untyped_storage().nbytes() > 0
+    assert len(sizes) == int(chunks)
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_released_operands_give_one_chunk(monkeypatch):
+    """Where the quantised operands are released once dequantised, only the unquantised ones stay beside the
+    dense copies while cuDNN runs, as many bytes as SDPA keeps: one chunk, at every preset, where keeping them
+    needs several at the Flux shape (fp16 quantises nothing: one chunk either way)."""
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    meta = [torch.empty(1, 24, 4608, 128, dtype=torch.bfloat16, device="meta") for _ in range(3)]
+    for name in sorted(PRESETS):
+        cfg = QuantConfig.preset(name)
+        held = [quantize(t, spec) for t, spec in zip(meta, (cfg.q, cfg.k, cfg.v), strict=True)]
+        call = make_call(meta[0], meta[0].shape, meta[2].shape, None, False, 128**-0.5, cfg)
+        assert cudnn_backward.held_chunk_bounds(*held, call, release_held=True) == [0, 24], name
+        if any(t.spec.quantized for t in held):
+            assert len(cudnn_backward.held_chunk_bounds(*held, call)) > 2, name
+
+
 def _cuda_grads(q, k, v, dout, cfg, layout="bhsd", **kw):
     """Gradients through quantized_attention on CUDA (Triton forward, the backward under test), float32 out."""
     leaves = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
@@ -276,6 +326,49 @@ def test_cudnn_backward_matches_float64_autograd(name, chunks, causal, layout, g
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         # bf16 operands, gradients and dense copies; qk's forward rounds P to FP8 against its running maximum
         assert rel(a, b) < (2e-2 if name == "qk-int8-pv-fp8" else 1e-2), (name, "qkv"[i], rel(a, b))
+
+
+def _peak_bytes(attn, shape, layers, retain, gen):
+    """Peak CUDA memory of `layers` chained attention layers' forward+backward above what was allocated before
+    (each layer's Q, K, V from a projection stand-in that only attention keeps alive, as in a model)."""
+    b, hq, hkv, n, d = shape
+    leaves = [
+        torch.randn(b, h, n, d, generator=gen).to("cuda", torch.bfloat16).requires_grad_() for h in (hq, hkv, hkv)
+    ]
+    dout = torch.randn(b, hq, n, d, generator=gen).to("cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    q = leaves[0]
+    for _ in range(layers):
+        q = attn(q * 1, leaves[1] * 1, leaves[2] * 1)
+    q.backward(dout, retain_graph=retain)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("name", ["kv-int8", "kv-int4", "qk-int8-pv-fp8"])
+@pytest.mark.parametrize(("hq", "hkv", "causal"), [(8, 8, False), (8, 2, True)])
+def test_backward_peak_is_sdpas_or_below(name, hq, hkv, causal, gen, monkeypatch):
+    """One layer's forward+backward peaks at SDPA's or below, whether the backward releases the held operands
+    (one cuDNN call) or keeps them (retain_graph: head chunks); over 3 chained layers it peaks below SDPA's (each
+    layer saves its quantised K/V where SDPA saves dense ones)."""
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    shape = (1, hq, hkv, 2048, 128)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    def ours(q, k, v):
+        return quantized_attention(q, k, v, config=name, is_causal=causal, enable_gqa=True, backend="triton")
+
+    for attn in (sdpa, ours):  # compiled, tuned and cached before anything is measured
+        _peak_bytes(attn, shape, 2, False, gen)
+    for retain in (False, True):
+        assert _peak_bytes(ours, shape, 1, retain, gen) <= _peak_bytes(sdpa, shape, 1, retain, gen), retain
+    assert _peak_bytes(ours, shape, 3, False, gen) < _peak_bytes(sdpa, shape, 3, False, gen)
 
 
 @needs_cuda

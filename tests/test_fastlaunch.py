@@ -1,4 +1,5 @@
-"""Launch-plan signatures (quantattn_hf/backends/triton/fastlaunch.py): what makes two launches share a plan.
+"""Launch-plan signatures (quantattn_hf/backends/triton/fastlaunch.py): what makes two launches share a plan; and
+the host launch arithmetic (intmath.py).
 
 The fast path itself needs a GPU (tests/test_triton.py, `gpu` marks); here the keys are checked on the CPU
 against a plain JITFunction, built without the interpreter's wrapping.
@@ -60,3 +61,15 @@ def test_disabled_cache_is_a_plain_launch(monkeypatch):
 
     fastlaunch.LaunchCache(Kernel())((3,), 1, 2, BLOCK=4)
     assert calls == [((3,), (1, 2), {"BLOCK": 4})]
+
+
+def test_host_launch_arithmetic_is_tritons():
+    """intmath's cdiv and next_power_of_2 (plain integers, for per-launch host arithmetic) give Triton's values."""
+    import triton
+
+    from quantattn_hf.backends.triton import intmath
+
+    for n in [*range(0, 4100), 2**31 - 1, 2**31, 2**40 + 3]:
+        assert intmath.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 64, 127):
+            assert intmath.cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -3,9 +3,11 @@
 The backward's gradient is attention's over the dequantised operands (straight-through estimator, as
 `reference_backward` defines it), given the forward's output and log-sum-exp. cuDNN's backward computes
 exactly that when handed x' as dense tensors, at cuDNN's speed. The held K/V (and Q where it is quantised)
-are dequantised by `triton.dequantize.HeadDequantizer` head range by head range ("chunks"), so their dense
-copies exist for one chunk at a time. `chunk_bounds` keeps the backward's peak memory at SDPA's or below (SDPA's
-autograd keeps dense Q/K/V from the forward on): one chunk where that fits, else chunks no wider than the peak
+are dequantised by `triton.dequantize.HeadDequantizer`; a backward that runs once (no retain_graph, not traced)
+may release the held codes as soon as they are dequantised, and then runs cuDNN once over all heads at SDPA's
+own peak memory (the dense copies take the place of the dense operands SDPA's autograd keeps). Where the codes
+must stay, the operands are dequantised head range by head range ("chunks"), so their dense copies exist for
+one chunk at a time: `chunk_bounds` keeps the peak at SDPA's or below with chunks no wider than the peak
 allows, uneven where that fills the GPU's waves (Flux on an H100: 10+7+7 heads take 7% more GPU time than one
 chunk, 8+8+8 30% more; scripts/bench_backward_chunks.py). `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to
 the Triton kernels (`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n even chunks.
@@ -84,11 +86,13 @@ def chunk_bounds(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: 
     else chunks no wider than that peak allows, sized so their waves over the GPU are fewest, then fewest chunks.
 
     Against SDPA's backward, which keeps dense Q, K, V (`dense` bytes) and runs cuDNN once over all heads,
-    this one keeps the held operands (`held_bytes`) and, per chunk, the dense copies of the quantised ones
-    (`dequant_bytes` over all heads), the chunk's gradients before they are copied into the whole ones and
-    cuDNN's fp32 dQ accumulator. One chunk needs no copy of gradients. A chunk of h K/V heads runs
-    h * groups * batch * ceil(kv_len / KEY_TILE) programs, ceil(that / sms) waves: chunk widths that fill their
-    last wave (uneven ones included) cost no more GPU time than one chunk does, and each chunk costs host time.
+    this one keeps the held operands that are still alive while cuDNN runs (`held_bytes`) and, per chunk, the
+    dense copies of the quantised ones (`dequant_bytes` over all heads), the chunk's gradients before they are
+    copied into the whole ones and cuDNN's fp32 dQ accumulator. (Before cuDNN runs, the dequantising moment
+    holds every held operand and the dense copies, without gradients or accumulator: never above SDPA's peak.)
+    One chunk needs no copy of gradients. A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE)
+    programs, ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more
+    GPU time than one chunk does, and each chunk costs host time.
     """
     hkv = call.kv_heads
     fixed = _fixed_chunks()
@@ -154,18 +158,24 @@ def attention_backward(
     grad_lse: torch.Tensor | None,
     call: AttentionCall,
     need_dkv: bool = True,
+    release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in the call's dtype, in the chunks of `chunk_bounds`; dK and dV are empty (0,) tensors without
-    `need_dkv`."""
+    `need_dkv`. `release_held`: the quantised operands are read by no one after this call, so their storage
+    may be freed once dequantised."""
     if grad_lse is not None:
         raise ValueError("cuDNN's attention backward takes no gradient of the log-sum-exp")
-    return backward_in_chunks(q, k, v, out, lse, grad_out, call, held_chunk_bounds(q, k, v, call), need_dkv)
+    bounds = held_chunk_bounds(q, k, v, call, release_held)
+    return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held)
 
 
-def held_chunk_bounds(q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall) -> list[int]:
-    """`chunk_bounds` for these held operands on their device: their bytes, their dense copies' bytes, its SMs."""
+def held_chunk_bounds(
+    q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall, release_held: bool = False
+) -> list[int]:
+    """`chunk_bounds` for these held operands on their device: the bytes of theirs that stay alive while cuDNN
+    runs (the unquantised ones only, where the quantised ones are released), their dense copies', its SMs."""
     dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
-    held = sum(t.nbytes() for t in (q, k, v))
+    held = sum(t.nbytes() for t in (q, k, v) if not (release_held and t.spec.quantized))
     device = k.data.device
     sms = _device_facts(device)[1] if device.type == "cuda" else 1
     return chunk_bounds(call, held, dequant * call.dtype.itemsize, sms)
@@ -181,9 +191,11 @@ def backward_in_chunks(
     call: AttentionCall,
     bounds: list[int],
     need_dkv: bool = True,
+    release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) by cuDNN's backward over the K/V head ranges between consecutive `bounds` (with their query
-    heads), each range's operands dequantised just before it runs."""
+    heads), each range's operands dequantised just before it runs; with `release_held`, the quantised operands'
+    storage is freed after the last range's are dequantised."""
     b, hq, hkv, groups = call.batch, call.q_heads, call.kv_heads, call.groups
     if bounds[0] != 0 or bounds[-1] != hkv or bounds != sorted(set(bounds)):
         raise ValueError(f"chunk bounds must rise from 0 to {hkv} K/V heads, got {bounds}")
@@ -191,12 +203,16 @@ def backward_in_chunks(
     grad_out = grad_out.contiguous()
     grads: list[torch.Tensor] = []
     dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
+    whole = len(bounds) == 2  # one chunk: whole tensors, no slices, no gradient copies
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)
         (qd,), (kd, vd) = dense_q(qs), dense_kv(ks)
-        part = dense_backward(grad_out[:, qs], qd, kd, vd, out[:, qs], lse[:, qs], call.is_causal, call.scale)
+        if release_held and h1 == hkv:
+            _release((q, k, v))
+        rows = (grad_out, out, lse) if whole else (grad_out[:, qs], out[:, qs], lse[:, qs])
+        part = dense_backward(rows[0], qd, kd, vd, rows[1], rows[2], call.is_causal, call.scale)
         del qd, kd, vd
-        if len(bounds) == 2:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
+        if whole:  # contiguous as the op's fake implementation declares (cuDNN follows BSHD-strided inputs)
             grads = [g.contiguous() for g in part]
             break
         if not grads:
@@ -212,3 +228,13 @@ def backward_in_chunks(
     if not need_dkv:
         grads[1:] = [grad_out.new_empty((0,)), grad_out.new_empty((0,))]
     return grads[0], grads[1], grads[2]
+
+
+def _release(held: tuple[QuantizedTensor, ...]) -> None:
+    """Free the storage of the quantised operands' parts (codes, scales, zero points, means); the kernels queued
+    on them still read them, as the caching allocator hands the memory out again only in stream order."""
+    for t in held:
+        if t.spec.quantized:
+            for part in (t.data, t.scale, t.zero_point, t.mean):
+                if part is not None and part.untyped_storage().resizable():
+                    part.untyped_storage().resize_(0)

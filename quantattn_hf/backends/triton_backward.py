@@ -17,6 +17,7 @@ import triton.language as tl
 from ..quant import QuantizedTensor
 from .base import AttentionCall
 from .triton.interpreter_compat import patch_interpreter
+from .triton.intmath import cdiv, next_power_of_2
 from .triton.launch import _empty, _mask_args
 from .triton.operands import KernelOperand, qkv_launch_parts
 from .triton.tiles import cast, dot_operand, load_dequant
@@ -345,8 +346,10 @@ def attention_backward(
     grad_lse: torch.Tensor | None,
     call: AttentionCall,
     need_dkv: bool = True,
+    release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in the call's dtype; dK and dV are empty (0,) tensors without `need_dkv`."""
+    """(dQ, dK, dV) in the call's dtype; dK and dV are empty (0,) tensors without `need_dkv`. `release_held` (the
+    held operands may be freed once read, as `cudnn_backward` does) frees nothing here: every kernel reads them."""
     if interpreting():
         patch_interpreter()
     qo, ko, vo = (KernelOperand.from_held(t) for t in (q, k, v))
@@ -358,13 +361,13 @@ def attention_backward(
     dvv = _empty((b, hkv, sk, dv) if need_dkv else (0,), call.dtype, device)
     if sq == 0 or sk == 0:
         return dq.zero_(), dk.zero_(), dvv.zero_()
-    d_pad = max(16, triton.next_power_of_2(d))
-    dv_pad = max(16, triton.next_power_of_2(dv))
+    d_pad = max(16, next_power_of_2(d))
+    dv_pad = max(16, next_power_of_2(dv))
     lse2 = _empty((b, hq, sq), torch.float32, device)
     delta = _empty((b, hq, sq), torch.float32, device)
     dlse = grad_lse if grad_lse is not None else lse
     block = 32 if interpreting() else 64
-    _bwd_preprocess[(triton.cdiv(sq, block), b * hq)](
+    _bwd_preprocess[(cdiv(sq, block), b * hq)](
         out, *out.stride(), grad_out, *grad_out.stride(), lse, *lse.stride(), dlse, *dlse.stride(), lse2, delta,
         sq, hq, dv, HAS_DLSE=grad_lse is not None, DV_PAD=dv_pad, BLOCK_M=block, num_warps=4,
     )  # fmt: skip
@@ -381,13 +384,13 @@ def attention_backward(
         DV_PAD=dv_pad,
     )
     sizes = (call.groups, d, dv, call.scale, bucket(sq), bucket(sk))
-    dq_grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    dq_grid = lambda meta: (cdiv(sq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     _bwd_dq[dq_grid](
         *operands, *mask_args, grad_out, *grad_out.stride(), lse2, delta, dq, *dq.stride(),
         sq, sk, hq, *sizes, **consts,
     )  # fmt: skip
     if need_dkv:
-        dkdv_grid = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+        dkdv_grid = lambda meta: (cdiv(sk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
         _bwd_dkdv[dkdv_grid](
             *operands, *mask_args, grad_out, *grad_out.stride(), lse2, delta, dk, *dk.stride(), dvv, *dvv.stride(),
             sq, sk, hkv, *sizes, **consts,

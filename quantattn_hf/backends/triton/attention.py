@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..base import AttentionCall
 from .fastlaunch import LaunchCache
+from .intmath import cdiv, next_power_of_2
 from .operands import KernelOperand
 from .tiles import cast, dot_operand, load_codes, load_dequant, row_scale, to_fp8
 from .tuning import attention_configs, prune_attention_configs
@@ -251,8 +252,8 @@ def q_dot_mean(q: KernelOperand, k: KernelOperand, call: AttentionCall) -> torch
     nbk = k.mean.shape[2]
     qm = torch.empty((call.batch, call.q_heads, nbk, call.q_len), device=q.data.device, dtype=torch.float32)
     block_m, block_g = 64, 32
-    d_pad = max(16, triton.next_power_of_2(call.head_dim))
-    grid = (call.batch * call.q_heads, triton.cdiv(nbk, block_g), triton.cdiv(call.q_len, block_m))
+    d_pad = max(16, next_power_of_2(call.head_dim))
+    grid = (call.batch * call.q_heads, cdiv(nbk, block_g), cdiv(call.q_len, block_m))
     Q_DOT_MEAN(grid,
         q.data, q.scale, *q.data_strides, *q.scale_strides[:3], q.group,
         k.mean, *k.mean_strides,

@@ -19,8 +19,9 @@ import triton.language as tl
 from ...quant import QuantizedTensor
 from .fastlaunch import LaunchCache
 from .interpreter_compat import patch_interpreter
+from .intmath import cdiv, next_power_of_2
 from .launch import _empty
-from .operands import KernelOperand
+from .operands import MODE_BLOCK, MODE_CHANNEL, KernelOperand
 from .tiles import cast, load_dequant
 from .tuning import interpreting
 
@@ -106,14 +107,19 @@ class HeadDequantizer:
             return
         x, y = work[0], work[-1]
         ops = [KernelOperand.from_held(t) for t in (x, y)]
-        self.tiles = triton.cdiv(s, BLOCK_S)
+        # tiles no longer than a statistic group that is shorter than BLOCK_S (kv-int4's 32-token K blocks): a tile
+        # inside one group loads its scales and means once, not once per element
+        grouped = (MODE_CHANNEL, MODE_BLOCK)
+        short = [op.group for op in ops if op.mode in grouped and op.group < BLOCK_S and op.group & (op.group - 1) == 0]
+        block = min([BLOCK_S, *short])
+        self.tiles = cdiv(s, block)
         self.x_args, self.y_args = ops[0].args(), ops[1].args()
         self.sizes = (s, x.shape[3], y.shape[3])
         self.consts = dict(
             **ops[0].constexprs("X"), **ops[1].constexprs("Y"), INTERPRET=interpreting(),
-            X_ALIGNED=ops[0].group % BLOCK_S == 0, Y_ALIGNED=ops[1].group % BLOCK_S == 0,
-            DX_PAD=max(16, triton.next_power_of_2(x.shape[3])), DY_PAD=max(16, triton.next_power_of_2(y.shape[3])),
-            BLOCK=BLOCK_S, enable_fp_fusion=False,
+            X_ALIGNED=ops[0].group % block == 0, Y_ALIGNED=ops[1].group % block == 0,
+            DX_PAD=max(16, next_power_of_2(x.shape[3])), DY_PAD=max(16, next_power_of_2(y.shape[3])),
+            BLOCK=block, enable_fp_fusion=False,
         )  # fmt: skip
 
     def __call__(self, heads: slice) -> list[torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 import triton.language as tl
 
 from ...quant import QuantizedTensor
@@ -13,6 +12,7 @@ from ..base import AttentionCall
 from .attention import _attn_fwd, q_dot_mean
 from .decode import _decode_merge, _decode_split
 from .fastlaunch import LaunchCache
+from .intmath import cdiv, next_power_of_2
 from .operands import MODE_BLOCK, KernelOperand, qkv_launch_parts
 from .tuning import bucket, decode_splits, interpreting
 
@@ -83,8 +83,8 @@ def run_attention(
         return out, lse
     qk_dtype, pv_dtype = compute_dtypes(call)
     mask_kind, mask_args = _mask_args(call, q.data)
-    d_pad = max(16, triton.next_power_of_2(call.head_dim))
-    dv_pad = max(16, triton.next_power_of_2(dv))
+    d_pad = max(16, next_power_of_2(call.head_dim))
+    dv_pad = max(16, next_power_of_2(dv))
     operands, qkv_consts = qkv_launch_parts(qo, ko, vo)
     consts = dict(
         **qkv_consts,
@@ -107,7 +107,7 @@ def run_attention(
     bh_first = b * hq > MAX_GRID_Y
 
     def grid(meta):
-        tiles = triton.cdiv(sq, meta["BLOCK_M"])
+        tiles = cdiv(sq, meta["BLOCK_M"])
         return (b * hq, tiles) if bh_first else (tiles, b * hq)
 
     ATTN_FWD(grid,
@@ -126,7 +126,7 @@ def _run_decode(operands: tuple, mask_args: tuple, out: torch.Tensor, lse: torch
     rows = b * hq * sq
     part_out = _empty((rows * splits, dv_pad), torch.float32, out.device)
     part_lse = _empty((rows * splits,), torch.float32, out.device)
-    r_pad = max(16, triton.next_power_of_2(call.groups * sq))
+    r_pad = max(16, next_power_of_2(call.groups * sq))
     DECODE_SPLIT((b * hkv, splits),
         *operands, *mask_args, part_out, part_lse,
         sq, sk, hq, hkv, call.groups, call.head_dim, call.head_dim_v, call.scale, splits, bucket(sk),
@@ -135,5 +135,5 @@ def _run_decode(operands: tuple, mask_args: tuple, out: torch.Tensor, lse: torch
     )  # fmt: skip
     DECODE_MERGE((rows,),
         part_out, part_lse, out, *out.stride(), lse, *lse.stride(), sq, hq, call.head_dim_v, splits, fill,
-        S_PAD=max(2, triton.next_power_of_2(splits)), DV_PAD=dv_pad, INTERPRET=interpreting(), num_warps=4,
+        S_PAD=max(2, next_power_of_2(splits)), DV_PAD=dv_pad, INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .fastlaunch import LaunchCache
+from .intmath import cdiv, next_power_of_2
 from .tiles import cast
 from .tuning import interpreting
 
@@ -104,11 +105,11 @@ def rms_norm_rope(
     rope = cos is not None
     cs = cos if rope else x
     sn = sin if rope else x
-    NORM_ROPE((triton.cdiv(rows, ROWS),),
+    NORM_ROPE((cdiv(rows, ROWS),),
         x, weight if weight is not None else x, cs, sn, out,
         rows, seq, heads, dim, float(eps),
         *x.stride(), *out.stride(), *(cs.stride()[:2] if rope else (0, 0)), *(sn.stride()[:2] if rope else (0, 0)),
-        ROWS=ROWS, D_PAD=max(2, triton.next_power_of_2(dim)), HAS_WEIGHT=weight is not None,
+        ROWS=ROWS, D_PAD=max(2, next_power_of_2(dim)), HAS_WEIGHT=weight is not None,
         ROUND_NORMED=round_normed, ROPE=rope,
         DTYPE=TL_DTYPES[x.dtype], INTERPRET=interpreting(),
     )  # fmt: skip

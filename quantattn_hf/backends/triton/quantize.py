@@ -24,6 +24,7 @@ from ...quant import (
     static_stat,
 )
 from .fastlaunch import LaunchCache
+from .intmath import cdiv, next_power_of_2
 from .tiles import rint, to_fp8
 from .tuning import interpreting
 
@@ -190,7 +191,7 @@ def fused_supported(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
 def _fits_one_tile(spec: OperandQuant, seq_len: int, head_dim: int) -> bool:
     """Whether one statistic block of this spec fits one program's tile (else two passes, or no fused path)."""
     t = effective_block(seq_len, spec.block_size)
-    return triton.next_power_of_2(t) * max(triton.next_power_of_2(head_dim), 2) <= TILE_ELEMENTS
+    return next_power_of_2(t) * max(next_power_of_2(head_dim), 2) <= TILE_ELEMENTS
 
 
 def _codes_buffer(x: torch.Tensor, spec: OperandQuant) -> torch.Tensor:
@@ -198,7 +199,7 @@ def _codes_buffer(x: torch.Tensor, spec: OperandQuant) -> torch.Tensor:
     b, h, s, d = x.shape
     if spec.precision == "fp8_e4m3" and spec.mode == "channel":
         # Token-contiguous storage (a transposed view, padded to 16 tokens): the FP8 P·V dot reads V K-major.
-        s_pad = triton.cdiv(s, 16) * 16
+        s_pad = cdiv(s, 16) * 16
         return torch.empty((b, h, d, s_pad), device=x.device, dtype=torch.float8_e4m3fn)[..., :s].transpose(2, 3)
     data_d = d // 2 if spec.precision == "int4" else d
     return torch.empty((b, h, s, data_d), device=x.device, dtype=STORAGE_DTYPES[spec.precision])
@@ -211,7 +212,7 @@ def _launch_constants(x: torch.Tensor, spec: OperandQuant, poison: bool) -> dict
         POISON=poison,
         INTERPRET=interpreting(),
         BH_FIRST=b * h > MAX_GRID_Y,
-        D_PAD=max(triton.next_power_of_2(d), 2),
+        D_PAD=max(next_power_of_2(d), 2),
         MODE=MODE_CODES[spec.mode],
         PREC=PREC_CODES[spec.precision],
         QMAX=SYMMETRIC_QMAX[spec.precision],
@@ -233,11 +234,11 @@ def _block_pass(
     b, h, s, d = x.shape
     nb, dg = scale.shape[2], scale.shape[3]
     t = effective_block(s, spec.block_size)
-    t_pad = triton.next_power_of_2(t)
+    t_pad = next_power_of_2(t)
     # 8 warps from 8192 elements a tile for a scale per block, 16384 for per-channel scales: at the Flux shape on the
     # H100 qk's Q (64x128 blocks) takes 25 us with 8 instead of 37 with 4, its K (block means too) 39 either way,
     # kv-int8's K (per-channel, 64x128) 60 with 8 instead of 41 (scripts/bench_attention.py --profile-quant)
-    elements = t_pad * max(triton.next_power_of_2(d), 2)
+    elements = t_pad * max(next_power_of_2(d), 2)
     warps = 8 if elements >= (8192 if spec.mode == "block" else 16384) else 4
     QUANT(
         _grid(nb, b * h),
@@ -275,7 +276,7 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     if not spec.quantized or s == 0 or not fused_supported(spec, s, d):
         return quantize(x, spec, strategy_version)
     dev = x.device
-    d_pad = max(triton.next_power_of_2(d), 2)
+    d_pad = max(next_power_of_2(d), 2)
     data = _codes_buffer(x, spec)
     common = _launch_constants(x, spec, poison=False)
     x_strides = x.stride()
@@ -283,7 +284,7 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
     if spec.mode == "row":
         rows = max(1, min(64, TILE_ELEMENTS // 4 // d_pad))
         scale = torch.empty((b, h, s, 1), device=dev, dtype=torch.float32)
-        grid = _grid(triton.cdiv(s, rows), b * h)
+        grid = _grid(cdiv(s, rows), b * h)
         QUANT(grid,
             x, data, scale, scale, scale, s, d, h, 1, 1, *x_strides, *o_strides, s, 1, 0, 0, 0,
             ROWS=rows, SUB_MEAN=False, STAGE=STAGE_FULL, num_warps=4, **common,
@@ -299,7 +300,7 @@ def quantize_fused(x: torch.Tensor, spec: OperandQuant, strategy_version: int = 
         return QuantizedTensor(data, scale, None, mean, spec, (b, h, s, d), x.dtype, strategy_version)
     s_strides = (nb * dg, dg, 1 if spec.mode == "channel" else 0)
     rows = max(1, min(256, TILE_ELEMENTS // 2 // d_pad))
-    cpg = triton.cdiv(t, rows)
+    cpg = cdiv(t, rows)
     amax = torch.zeros_like(scale)  # each group's amax, maxed into by its tiles
     grid = _grid(nb * cpg, b * h)
     args = (s, d, h, t, cpg, *x_strides, *o_strides, *s_strides, 0, 0)

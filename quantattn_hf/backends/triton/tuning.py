@@ -7,6 +7,8 @@ import os
 import torch
 import triton
 
+from .intmath import cdiv, next_power_of_2
+
 
 def interpreting() -> bool:
     """Whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, read when kernels are defined)."""
@@ -84,7 +86,7 @@ def decode_configs() -> list[triton.Config]:
 
 def bucket(n: int) -> int:
     """Shape bucket for the autotune key (next power of two, at least 16)."""
-    return max(16, triton.next_power_of_2(max(n, 1)))
+    return max(16, next_power_of_2(max(n, 1)))
 
 
 # Programs per SM the split-KV decode grid aims at (the split count is derived from it).
@@ -95,4 +97,4 @@ def decode_splits(programs: int, kv_len: int, block_n: int = 128) -> int:
     """KV splits so that about DECODE_WAVES programs per SM fill the device, each split at least two tiles long."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device_arch() else 4
     want = max(1, (DECODE_WAVES * sms) // max(programs, 1))
-    return max(1, min(want, triton.cdiv(kv_len, 2 * block_n), 64))
+    return max(1, min(want, cdiv(kv_len, 2 * block_n), 64))
