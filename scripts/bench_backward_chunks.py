@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from bench_train import LAYERS, MIB, attention_fn  # this folder's script: the same layers, SDPA and preset calls
+from bench_train import LAYERS, MIB, attention_fn, peak_mib  # this folder's script: its layers, calls, peak
 
 from quantattn_hf import QuantConfig, quantize, quantized_attention
 from quantattn_hf.autograd import _attention_bwd_op, make_call
@@ -41,12 +41,7 @@ def plan_text(bounds: list[int]) -> str:
 def measure(fn, reps: int) -> dict:
     """GPU ms (CUDA graph replay), eager ms and host ms per call of fn, and its peak bytes above the start."""
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = peak_mib(fn, torch.device("cuda")) * MIB
     host, eager = timed_calls(fn, reps)
     gpu = None
     try:
