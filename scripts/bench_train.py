@@ -12,9 +12,11 @@ a smoke test.
 
 A preset may name its backward kernels after a slash: `kv-int8/triton` runs the Triton backward kernels,
 `kv-int8/2` cuDNN's backward in 2 head chunks (`QUANTATTN_CUDNN_BACKWARD`, set for that row only),
-`kv-int8/retain` every backward with retain_graph=True (the held operands then stay to the end, and cuDNN's
-backward runs in the head chunks that keep the peak at SDPA's); a bare preset takes the default (on CUDA cuDNN's
-backward, once over all heads where the held operands are released as they are dequantised).
+`kv-int8/op` cuDNN's backward through torch's op instead of the cuDNN frontend (`QUANTATTN_CUDNN_GRAPH=0`: one
+call over all heads where the held operands are released as they are dequantised), `kv-int8/retain` every
+backward with retain_graph=True (the held operands then stay to the end); a bare preset takes the default (on
+CUDA cuDNN's backward, through the cuDNN frontend where it is installed, in the head chunks that put the peak
+below SDPA's without gradient copies).
 
     python scripts/bench_train.py --json out/bench_train.json
     python scripts/bench_train.py --plot out/bench_train.json docs/bench_train.png
@@ -44,7 +46,7 @@ LAYERS = {  # name: (B, Hq, Hkv, N, D, causal)
     "llama": (1, 32, 8, 4096, 128, True),
 }
 TINY_LAYERS = {"flux": (1, 2, 2, 96, 64, False), "llama": (1, 4, 2, 80, 64, True)}
-DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8", "kv-int8/triton", "kv-int8/retain")
+DEFAULT_PRESETS = ("kv-int8", "kv-int4", "qk-int8-pv-fp8", "kv-int8/op", "kv-int8/triton", "kv-int8/retain")
 MIB = 1 << 20
 SDPA_KERNELS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -102,12 +104,15 @@ def attention_fn(method: str, causal: bool, backend: str | None):
 
 
 def backward_kernels(method: str) -> contextlib.AbstractContextManager:
-    """For `preset/triton` or `preset/n`, QUANTATTN_CUDNN_BACKWARD set to 0 or n while the row runs."""
+    """For `preset/triton` or `preset/n`, QUANTATTN_CUDNN_BACKWARD set to 0 or n while the row runs; for
+    `preset/op`, QUANTATTN_CUDNN_GRAPH=0."""
     choice = method.partition("/")[2]
     if choice in ("", "retain"):
         return contextlib.nullcontext()
+    if choice == "op":
+        return mock.patch.dict(os.environ, {"QUANTATTN_CUDNN_GRAPH": "0"})
     if choice != "triton" and not choice.isdigit():
-        raise ValueError(f"{method}: the backward after '/' is 'triton', 'retain' or a chunk count")
+        raise ValueError(f"{method}: the backward after '/' is 'triton', 'op', 'retain' or a chunk count")
     return mock.patch.dict(os.environ, {"QUANTATTN_CUDNN_BACKWARD": "0" if choice == "triton" else choice})
 
 

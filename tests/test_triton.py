@@ -390,6 +390,25 @@ def test_decode_code_paths(preset, phases, by_bits, head_dim, sq, length, dtype,
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=LSE_ATOL_BF16 if dtype == torch.bfloat16 else LSE_ATOL)
 
 
+@pytest.mark.parametrize("phases", [0, 4])
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4"])
+def test_decode_folded_scales_keep_large_scores(preset, phases, monkeypatch):
+    """fp16 query rows times K's folded scales far beyond fp16's 65504 (|q| ~ 1e3, one key of 1e4 in every
+    channel): the fp16 query side is normalised per row by a power of two, so the scores stay finite and match the
+    reference (bf16 has float32's range: no normalisation)."""
+    monkeypatch.setattr(triton_launch, "decode_splits", lambda programs, kv_len: 2)
+    monkeypatch.setattr(triton_decode._decode_split, "configs", [triton.Config({"BLOCK_N": 32}, num_warps=4)])
+    monkeypatch.setattr(triton_launch, "DECODE_INT4_PHASES", phases)
+    q, k, v = _inputs(1, 8, 2, 1, 70, 64, torch.float16, seed=6)
+    q = q * 1000.0
+    k[:, :, 33] = 1e4
+    out, lse, ref, ref_lse = _both(q, k, v, config=preset)
+    # before the normalisation, fp16 inputs gave NaN here (q·scale ~ 1e3 * 1e4 / 127 overflowed fp16)
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert _rel_l1(out, ref) < REL_L1_16BIT
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=0)  # lse ~ 80
+
+
 def test_decode_words_of_an_unaligned_cache(monkeypatch):
     """An int4 cache whose packed rows do not start on a word (a view one byte in) takes the byte path, same numbers."""
     monkeypatch.setattr(triton_launch, "decode_splits", lambda programs, kv_len: 2)

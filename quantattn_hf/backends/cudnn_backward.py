@@ -4,13 +4,15 @@ The backward's gradient is attention's over the dequantised operands (straight-t
 `reference_backward` defines it), given the forward's output and log-sum-exp. cuDNN's backward computes
 exactly that when handed x' as dense tensors, at cuDNN's speed. The held K/V (and Q where it is quantised)
 are dequantised by `triton.dequantize.HeadDequantizer`; a backward that runs once (no retain_graph, not traced)
-may release the held codes as soon as they are dequantised, and then runs cuDNN once over all heads at SDPA's
-own peak memory (the dense copies take the place of the dense operands SDPA's autograd keeps). Where the codes
-must stay, the operands are dequantised head range by head range ("chunks"), so their dense copies exist for
-one chunk at a time: `chunk_bounds` keeps the peak at SDPA's or below with chunks no wider than the peak
-allows, uneven where that fills the GPU's waves (Flux on an H100: 10+7+7 heads take 7% more GPU time than one
-chunk, 8+8+8 30% more; scripts/bench_backward_chunks.py). `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to
-the Triton kernels (`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n even chunks.
+may release the held codes as soon as they are dequantised. The operands are dequantised head range by head
+range ("chunks"), so their dense copies exist for one chunk at a time: `chunk_bounds` plans chunks no wider
+than the peak allows, uneven where that fills the GPU's waves (Flux on an H100: 10+7+7 heads take 7% more GPU
+time than one chunk, 8+8+8 30% more; scripts/bench_backward_chunks.py). Through the cuDNN frontend
+(`cudnn_graph`, where installed) each chunk writes its gradients straight into slices of the whole ones, so
+chunks cost no copies: the plan keeps the peak below SDPA's. Through torch's op, a chunk's gradients are copied
+and a backward that releases the codes runs one chunk, at SDPA's own peak (the dense copies take the place of the
+dense operands SDPA's autograd keeps). `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to the Triton kernels
+(`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n even chunks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import torch
 
 from ..quant import QuantizedTensor
+from . import cudnn_graph
 from .base import AttentionCall
 from .triton.dequantize import HeadDequantizer
 
@@ -81,18 +84,22 @@ def unsupported_reason(call: AttentionCall, grad_lse: torch.Tensor | None) -> st
     return None
 
 
-def chunk_bounds(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: int) -> list[int]:
-    """K/V head bounds [0, ..., Hkv] of the backward's chunks: one chunk where its peak stays at SDPA's or below,
-    else chunks no wider than that peak allows, sized so their waves over the GPU are fewest, then fewest chunks.
+def chunk_bounds(
+    call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: int, in_place: bool = False
+) -> list[int]:
+    """K/V head bounds [0, ..., Hkv] of the backward's chunks, no wider than the peak allows, sized so their waves
+    over the GPU are fewest, then fewest chunks, then the widest smallest.
 
     Against SDPA's backward, which keeps dense Q, K, V (`dense` bytes) and runs cuDNN once over all heads,
     this one keeps the held operands that are still alive while cuDNN runs (`held_bytes`) and, per chunk, the
-    dense copies of the quantised ones (`dequant_bytes` over all heads), the chunk's gradients before they are
-    copied into the whole ones and cuDNN's fp32 dQ accumulator. (Before cuDNN runs, the dequantising moment
-    holds every held operand and the dense copies, without gradients or accumulator: never above SDPA's peak.)
-    One chunk needs no copy of gradients. A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE)
-    programs, ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more
-    GPU time than one chunk does, and each chunk costs host time.
+    dense copies of the quantised ones (`dequant_bytes` over all heads) and its share of cuDNN's fp32 dQ
+    accumulator; through torch's op also the chunk's gradients before they are copied into the whole ones
+    (one chunk needs no copy: it is taken where its peak stays at SDPA's or below). `in_place` (the cuDNN
+    frontend: gradients written into slices) plans the peak strictly below SDPA's. (Before cuDNN runs, the
+    dequantising moment holds the held operands and the dense copies, without gradients or accumulator: never
+    above SDPA's peak.) A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE) programs,
+    ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more GPU time
+    than one chunk does, and each chunk costs host time.
     """
     hkv = call.kv_heads
     fixed = _fixed_chunks()
@@ -100,33 +107,38 @@ def chunk_bounds(call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: 
         n = min(fixed, hkv)
         return [hkv * i // n for i in range(n + 1)]
     sizes = (call.batch, call.q_heads, hkv, call.q_len, call.kv_len, call.head_dim, call.head_dim_v)
-    return list(_planned_bounds(call.dtype.itemsize, *sizes, held_bytes, dequant_bytes, sms))
+    return list(_planned_bounds(call.dtype.itemsize, *sizes, held_bytes, dequant_bytes, sms, in_place))
 
 
 @functools.lru_cache(maxsize=256)
 def _planned_bounds(
-    size: int, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dv: int, held: int, dequant: int, sms: int
-) -> tuple[int, ...]:
+    size: int, b: int, hq: int, hkv: int, sq: int, sk: int, d: int, dv: int, held: int, dequant: int, sms: int,
+    in_place: bool,
+) -> tuple[int, ...]:  # fmt: skip
     """`chunk_bounds` for a policy-chosen split, cached: a layer repeats its shapes every step."""
     dense = size * (b * hq * sq * d + b * hkv * sk * (d + dv))
     accumulator = 4 * b * hq * sq * d
-    if held + dequant <= dense:
+    if in_place:
+        per_head = (dequant + accumulator) / hkv
+        widest = min(max(math.ceil((dense - held + accumulator) / per_head) - 1, 1), hkv)
+    elif held + dequant <= dense:
         return (0, hkv)
-    per_head = (dequant + dense + accumulator) / hkv
-    widest = min(max(int((dense - held + accumulator) // per_head), 1), hkv)
+    else:
+        per_head = (dequant + dense + accumulator) / hkv
+        widest = min(max(int((dense - held + accumulator) // per_head), 1), hkv)
     programs = math.ceil(sk / KEY_TILE) * b * (hq // hkv)
-    # best[j]: (waves, chunks, width of the last chunk) of the best split of the first j heads
-    best = [(0, 0, 0)]
+    # best[j]: (waves, chunks, widest chunk, width of the last chunk) of the best split of the first j heads
+    best = [(0, 0, 0, 0)]
     for j in range(1, hkv + 1):
         best.append(
             min(
-                (best[j - w][0] + math.ceil(w * programs / sms), best[j - w][1] + 1, w)
+                (best[j - w][0] + math.ceil(w * programs / sms), best[j - w][1] + 1, max(best[j - w][2], w), w)
                 for w in range(1, min(widest, j) + 1)
             )
         )
     bounds = [hkv]
     while bounds[-1]:
-        bounds.append(bounds[-1] - best[bounds[-1]][2])
+        bounds.append(bounds[-1] - best[bounds[-1]][3])
     return tuple(bounds[::-1])
 
 
@@ -165,20 +177,27 @@ def attention_backward(
     may be freed once dequantised."""
     if grad_lse is not None:
         raise ValueError("cuDNN's attention backward takes no gradient of the log-sum-exp")
-    bounds = held_chunk_bounds(q, k, v, call, release_held)
+    bounds = held_chunk_bounds(q, k, v, call, release_held, in_place=cudnn_graph.available())
     return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held)
 
 
 def held_chunk_bounds(
-    q: QuantizedTensor, k: QuantizedTensor, v: QuantizedTensor, call: AttentionCall, release_held: bool = False
+    q: QuantizedTensor,
+    k: QuantizedTensor,
+    v: QuantizedTensor,
+    call: AttentionCall,
+    release_held: bool = False,
+    in_place: bool = False,
 ) -> list[int]:
     """`chunk_bounds` for these held operands on their device: the bytes of theirs that stay alive while cuDNN
-    runs (the unquantised ones only, where the quantised ones are released), their dense copies', its SMs."""
+    runs (through torch's op, where the quantised ones are released, the unquantised ones only: it then runs one
+    chunk; in place, all of them, as they are released only after the last chunk's dequantising), their dense
+    copies', its SMs."""
     dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
-    held = sum(t.nbytes() for t in (q, k, v) if not (release_held and t.spec.quantized))
+    held = sum(t.nbytes() for t in (q, k, v) if in_place or not (release_held and t.spec.quantized))
     device = k.data.device
     sms = _device_facts(device)[1] if device.type == "cuda" else 1
-    return chunk_bounds(call, held, dequant * call.dtype.itemsize, sms)
+    return chunk_bounds(call, held, dequant * call.dtype.itemsize, sms, in_place)
 
 
 def backward_in_chunks(
@@ -194,7 +213,8 @@ def backward_in_chunks(
     release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) by cuDNN's backward over the K/V head ranges between consecutive `bounds` (with their query
-    heads), each range's operands dequantised just before it runs; with `release_held`, the quantised operands'
+    heads), each range's operands dequantised just before it runs, its gradients written into slices of the
+    whole ones (cuDNN frontend) or copied there (torch's op); with `release_held`, the quantised operands'
     storage is freed after the last range's are dequantised."""
     b, hq, hkv, groups = call.batch, call.q_heads, call.kv_heads, call.groups
     if bounds[0] != 0 or bounds[-1] != hkv or bounds != sorted(set(bounds)):
@@ -203,6 +223,8 @@ def backward_in_chunks(
     grad_out = grad_out.contiguous()
     grads: list[torch.Tensor] = []
     dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
+    if cudnn_graph.available():
+        return _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, dense_q, dense_kv)
     whole = len(bounds) == 2  # one chunk: whole tensors, no slices, no gradient copies
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)
@@ -228,6 +250,29 @@ def backward_in_chunks(
     if not need_dkv:
         grads[1:] = [grad_out.new_empty((0,)), grad_out.new_empty((0,))]
     return grads[0], grads[1], grads[2]
+
+
+def _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, dense_q, dense_kv):
+    """backward_in_chunks through the cuDNN frontend: each chunk's gradients written into the whole ones' slices
+    (dK/dV into a chunk's scratch where they are not needed)."""
+    b, groups, sk = call.batch, call.groups, call.kv_len
+    dq = grad_out.new_empty((b, call.q_heads, call.q_len, call.head_dim))
+    dims = (call.head_dim, call.head_dim_v)
+    dkv = [grad_out.new_empty((b, call.kv_heads, sk, d) if need_dkv else (0,)) for d in dims]
+    for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
+        qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)
+        (qd,), (kd, vd) = dense_q(qs), dense_kv(ks)
+        if release_held and h1 == call.kv_heads:
+            _release((q, k, v))
+        if need_dkv:
+            dk, dv = dkv[0][:, ks], dkv[1][:, ks]
+        else:
+            dk, dv = torch.empty_like(kd), torch.empty_like(vd)
+        cudnn_graph.backward_into(
+            dq[:, qs], dk, dv, grad_out[:, qs], qd, kd, vd, out[:, qs], lse[:, qs], call.is_causal, call.scale
+        )
+        del qd, kd, vd, dk, dv
+    return dq, dkv[0], dkv[1]
 
 
 def _release(held: tuple[QuantizedTensor, ...]) -> None:

@@ -126,6 +126,16 @@ def _decode_split(
     chunk = tl.cdiv(tl.cdiv(SK, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, SK)
+    if QK_DTYPE == tl.float16 and (K_FOLD or K_PHASES > 0):
+        # Q times K's folded scales must fit fp16: each row's bound over this split (|q| max times K's largest
+        # scale, times CODE_UNIT for the word path) is taken to 2**14 by a power of two that the scores take back
+        s_max = k_scale_max(Ks, ks_base, lo, hi, K_T, sks_g, sks_d, offs_d, d_valid, K_MODE)
+        unit = CODE_UNIT if K_PHASES > 0 else 1.0
+        norm, inv_norm = pow2_rows(tl.max(tl.abs(q_f), axis=1) * s_max * unit)
+        qk_rows = qk_scale * inv_norm
+    else:
+        norm = tl.full([R_PAD], 1.0, tl.float32)
+        qk_rows = tl.full([R_PAD], qk_scale, tl.float32)
     m_i = tl.full([R_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([R_PAD], tl.float32)
     acc = tl.zeros([R_PAD, DV_PAD], tl.float32)
@@ -144,20 +154,20 @@ def _decode_split(
             g = (start_n // K_T).to(tl.int64)
             s, bias = phased_k_scores(
                 K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, n_valid, sk_s, sks_d, skm_d,
-                q_ph, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, D_PAD, K_PHASES, TRANSPOSED_QK,
+                q_ph, norm, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, D_PAD, K_PHASES, TRANSPOSED_QK,
             )  # fmt: skip
-            s = (s + bias[:, None]) * qk_scale
+            s = s * qk_rows[:, None] + (bias * qk_scale)[:, None]
         elif K_FOLD:
             g = (start_n // K_T).to(tl.int64)
             k_op, q_k, bias = fold_k_group(
                 K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, offs_d, n_valid, d_valid,
-                sk_s, sk_d, sks_d, skm_d, q_f, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, CODES_BY_BITS,
+                sk_s, sk_d, sks_d, skm_d, q_f, norm, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, CODES_BY_BITS,
             )  # fmt: skip
             if TRANSPOSED_QK:
                 s = tl.trans(tl.dot(k_op, tl.trans(q_k)))
             else:
                 s = tl.dot(q_k, tl.trans(k_op))
-            s = (s + bias[:, None]) * qk_scale
+            s = s * qk_rows[:, None] + (bias * qk_scale)[:, None]
         else:
             if K_GROUPS > 1:
                 k = load_dequant_groups(
@@ -252,14 +262,15 @@ def _decode_split(
 
 @triton.jit
 def fold_k_group(
-    K, Ks, Km, k_base, ks_off, km_off, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, sks_d, skm_d, q,
+    K, Ks, Km, k_base, ks_off, km_off, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, sks_d, skm_d, q, norm,
     PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     CODES_BY_BITS: tl.constexpr,
 ):  # fmt: skip
-    """(K codes, Q times K's scales, Q·mean) of a key tile inside one statistic group, as dot operands.
+    """(K codes, Q times K's scales times the rows' norm, Q·mean) of a key tile inside one statistic group.
 
     Q·K'ᵀ = (Q·diag(scale))·codesᵀ + Q·mean: the [R, D] query tile is scaled once per tile instead of the
     [BLOCK_N, D] key tile being dequantised, and the codes go to the dot with only a conversion (exact in 16 bits).
+    The caller takes the rows' power-of-two norm (1 unless the dot is in fp16) back out of the scores.
     """
     codes = code_values(load_codes(K, k_base, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, PREC), PREC, CODES_BY_BITS)
     if MODE == 3:
@@ -270,7 +281,35 @@ def fold_k_group(
     if HAS_MEAN:
         mean = tl.load(Km + km_off + offs_d * skm_d, mask=d_valid, other=0.0)
         bias = tl.sum(q * mean[None, :], axis=1)
-    return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale, DTYPE, INTERPRET), bias
+    return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale * norm[:, None], DTYPE, INTERPRET), bias
+
+
+@triton.jit
+def k_scale_max(Ks, ks_base, lo, hi, K_T, sks_g, sks_d, offs_d, d_valid, MODE: tl.constexpr):
+    """The largest of K's scales (channel or block mode) over the statistic groups of keys [lo, hi), 0 if none."""
+    GB: tl.constexpr = 16
+    top = tl.zeros([offs_d.shape[0]], tl.float32)
+    g_hi = tl.cdiv(hi, K_T)
+    for g0 in range(lo // K_T, g_hi, GB):
+        g = g0 + tl.arange(0, GB)
+        if MODE == 3:
+            ptr = Ks + ks_base + g.to(tl.int64)[:, None] * sks_g + offs_d[None, :] * sks_d
+            top = tl.maximum(top, tl.max(tl.load(ptr, mask=(g < g_hi)[:, None] & d_valid[None, :], other=0.0), axis=0))
+        else:
+            top = tl.maximum(top, tl.max(tl.load(Ks + ks_base + g.to(tl.int64) * sks_g, mask=g < g_hi, other=0.0)))
+    return tl.max(top, axis=0)
+
+
+@triton.jit
+def pow2_rows(bound):
+    """(n, 1/n): per row the power of two that takes its bound into [2**13, 2**14), made from the exponent bits.
+
+    Values up to the bound times n fit fp16 with room to spare (relative precision kept down to 2**-27 of the
+    bound), and n and 1/n are exact, so the scores are the unnormalised ones to fp32 rounding.
+    """
+    e = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    k = tl.minimum(tl.maximum(140 - e, -126), 126)
+    return ((k + 127) << 23).to(tl.float32, bitcast=True), ((127 - k) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -339,15 +378,16 @@ def nibble_phase(words, J: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constex
 
 @triton.jit
 def phased_k_scores(
-    K, Ks, Km, k_base, ks_off, km_off, offs_n, n_valid, sk_s, sks_d, skm_d, q_ph,
-    PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    K, Ks, Km, k_base, ks_off, km_off, offs_n, n_valid, sk_s, sks_d, skm_d, q_ph, norm,
+    MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     D_PAD: tl.constexpr, PHASES: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    """(S less its bias, bias [R]) of an int4 key tile inside one statistic group, the codes read as words.
+    """(S less its bias, times the rows' norm; bias Q·mean [R]) of an int4 key tile inside one statistic group,
+    the codes read as words.
 
     S = sum_j (Q_j·diag(scale_j))·codes_jᵀ over the nibble phases j (one dot each, no interleave of the nibbles);
     with codes = CODE_UNIT * (x - CODE_OFFSET), CODE_UNIT goes onto Q's scaled tile (a power of two, exact) and
-    the offset, times the rounded tile's row sums, into the bias with Q·mean.
+    the offset, times the rounded tile's row sums, is taken out of S.
     """
     w: tl.constexpr = D_PAD // PHASES
     offs_w = tl.arange(0, w)
@@ -357,25 +397,26 @@ def phased_k_scores(
         acc = tl.zeros([offs_n.shape[0], rows], tl.float32)
     else:
         acc = tl.zeros([rows, offs_n.shape[0]], tl.float32)
-    corr = tl.zeros([rows, w], tl.float32)
+    off = tl.zeros([rows, w], tl.float32)
+    bias = tl.zeros([rows, w], tl.float32)
     for j in tl.static_range(PHASES):
         ch = offs_w * PHASES + j
         if MODE == 3:
             scale = tl.load(Ks + ks_off + ch * sks_d)[None, :]
         else:
             scale = tl.load(Ks + ks_off)
-        qk = dot_operand(q_ph[j] * (scale * CODE_UNIT), DTYPE, INTERPRET)
+        qk = dot_operand(q_ph[j] * (scale * CODE_UNIT) * norm[:, None], DTYPE, INTERPRET)
         k_j = nibble_phase(words, j, PHASES, DTYPE, INTERPRET)
         if TRANSPOSED:
             acc = tl.dot(k_j, tl.trans(qk), acc)
         else:
             acc = tl.dot(qk, tl.trans(k_j), acc)
-        corr = corr - qk.to(tl.float32) * CODE_OFFSET
+        off = off - qk.to(tl.float32) * CODE_OFFSET
         if HAS_MEAN:
-            corr = corr + q_ph[j] * tl.load(Km + km_off + ch * skm_d)[None, :]
+            bias = bias + q_ph[j] * tl.load(Km + km_off + ch * skm_d)[None, :]
     if TRANSPOSED:
         acc = tl.trans(acc)
-    return acc, tl.sum(corr, axis=1)
+    return acc + tl.sum(off, axis=1)[:, None], tl.sum(bias, axis=1)
 
 
 @triton.jit
