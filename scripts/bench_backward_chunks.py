@@ -1,7 +1,8 @@
 """cuDNN's backward over quantised operands, by head-chunk plan: GPU time, host time and peak memory.
 
 The evidence for the chunk policy of `quantattn_hf/backends/cudnn_backward.py`, which serves backwards that keep
-the held operands (retain_graph, traced graphs; eager training frees them and runs one chunk, see bench_train).
+the held operands (retain_graph, traced graphs) and, through the cuDNN frontend where it is installed, every
+backward (`QUANTATTN_CUDNN_GRAPH=0`: torch's op, whose eager training frees the held operands and runs one chunk).
 Per layer (Flux- and Llama-sized, as in bench_train) and preset, each plan (the K/V heads of each chunk, e.g.
 `10+7+7`) runs `backward_in_chunks` over held operands it keeps and is reported with:
 - GPU ms: the plan's launches replayed from a CUDA graph, so without host time;
@@ -12,7 +13,7 @@ Per layer (Flux- and Llama-sized, as in bench_train) and preset, each plan (the 
 The baseline row `sdpa` is SDPA's own backward kernel (cuDNN) over the dense operands. `policy` marks the plan
 `chunk_bounds` picks. Then the host time of each step of one chunk and of the whole backward op, and, through
 autograd over a chain of `--chain` layers as bench_train times it, the backward's host ms and wall ms per layer
-for SDPA and the preset (the default backward: one chunk, held operands released); with `--profile`, a
+for SDPA and the preset (the default backward, held operands released); with `--profile`, a
 torch.profiler table of the preset's backward (host time by op and CUDA runtime call).
 
     python scripts/bench_backward_chunks.py --json out/chunks.json
@@ -30,7 +31,7 @@ from bench_train import LAYERS, MIB, attention_fn, peak_mib  # this folder's scr
 
 from quantattn_hf import QuantConfig, quantize, quantized_attention
 from quantattn_hf.autograd import _attention_bwd_op, make_call
-from quantattn_hf.backends import cudnn_backward
+from quantattn_hf.backends import cudnn_backward, cudnn_graph
 from quantattn_hf.backends.triton.dequantize import HeadDequantizer
 
 
@@ -87,7 +88,7 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
     )
     call = make_call(q, q.shape, v.shape, None, causal, d**-0.5, cfg)
     held_bytes = sum(t.nbytes() for t in held)
-    policy = cudnn_backward.held_chunk_bounds(*held, call)
+    policy = cudnn_backward.held_chunk_bounds(*held, call, in_place=cudnn_graph.available())
     dense = [t.dequantize(torch.bfloat16) for t in held]
     dense_bytes = sum(t.nbytes for t in (q, k, v))
 

@@ -115,29 +115,39 @@ def _compositions(total, widest):
             yield [w, *rest]
 
 
-@pytest.mark.parametrize(
-    ("shape", "held_fraction", "sms"),
-    [
-        ((1, 24, 24, 4608), 0.53, 132),
-        ((1, 32, 8, 4096), 0.53, 132),
-        ((2, 16, 4, 1024), 0.3, 108),
-        ((1, 8, 1, 512), 0.5, 132),
-        ((1, 12, 12, 3000), 0.4, 132),
-        ((3, 10, 10, 700), 0.6, 78),
-    ],
-)
+# (B, Hq, Hkv, N), the held bytes as a fraction of the dense K/V's, SMs
+POLICY_CASES = [
+    ((1, 24, 24, 4608), 0.53, 132),
+    ((1, 32, 8, 4096), 0.53, 132),
+    ((2, 16, 4, 1024), 0.3, 108),
+    ((1, 8, 1, 512), 0.5, 132),
+    ((1, 12, 12, 3000), 0.4, 132),
+    ((3, 10, 10, 700), 0.6, 78),
+    ((3, 10, 10, 700), 0.95, 78),
+    ((1, 8, 8, 512), 0.1, 132),
+]
+
+
+def _policy_plan(shape, held_fraction, sms, in_place):
+    """(bytes: dense, held, dense K/V, accumulator; the plan's chunk widths; programs per K/V head) of a case."""
+    b, hq, hkv, n = shape
+    call = _call(b, hq, hkv, n)
+    dense, held, kv = _bytes(call, held_fraction)
+    bounds = cudnn_backward.chunk_bounds(call, held, kv, sms, in_place=in_place)
+    widths = [h1 - h0 for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert bounds[0] == 0 and bounds[-1] == hkv and min(widths) >= 1
+    programs = math.ceil(n / cudnn_backward.KEY_TILE) * b * (hq // hkv)
+    return (dense, held, kv, 4 * b * hq * n * call.head_dim), widths, programs
+
+
+@pytest.mark.parametrize(("shape", "held_fraction", "sms"), POLICY_CASES)
 def test_chunk_bounds_keep_the_peak_at_sdpa_or_below_in_fewest_waves(shape, held_fraction, sms, monkeypatch):
     """The bounds rise from 0 to the K/V heads; the widest chunk satisfies the peak inequality of the docstring
     (one chunk whenever one fits); and no split of the heads into chunks that fit takes fewer waves, or as few
     in fewer chunks (brute force over every split where the heads are few)."""
     monkeypatch.delenv(cudnn_backward.ENV, raising=False)
-    b, hq, hkv, n = shape
-    call = _call(b, hq, hkv, n)
-    dense, held, kv = _bytes(call, held_fraction)
-    acc = 4 * b * hq * n * call.head_dim
-    bounds = cudnn_backward.chunk_bounds(call, held, kv, sms)
-    widths = [h1 - h0 for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
-    assert bounds[0] == 0 and bounds[-1] == hkv and min(widths) >= 1
+    hkv = shape[2]
+    (dense, held, kv, acc), widths, programs = _policy_plan(shape, held_fraction, sms, in_place=False)
 
     def peak(w):  # bytes beyond what both keep (O, dO, the whole gradients) with a widest chunk of w heads
         return held + kv + acc if w == hkv else held + (kv + dense + acc) * w / hkv
@@ -148,7 +158,6 @@ def test_chunk_bounds_keep_the_peak_at_sdpa_or_below_in_fewest_waves(shape, held
     fits = [w for w in range(1, hkv + 1) if peak(w) <= dense + acc]
     widest = max(fits) if fits else 1
     assert max(widths) <= widest
-    programs = math.ceil(n / cudnn_backward.KEY_TILE) * b * (hq // hkv)
 
     def cost(ws):
         return sum(math.ceil(w * programs / sms) for w in ws), len(ws)
@@ -157,35 +166,19 @@ def test_chunk_bounds_keep_the_peak_at_sdpa_or_below_in_fewest_waves(shape, held
         assert cost(widths) == min(cost(ws) for ws in _compositions(hkv, widest))
 
 
-@pytest.mark.parametrize(
-    "shape,held_fraction,sms",
-    [
-        ((1, 24, 24, 4608), 0.53, 132),
-        ((1, 32, 8, 4096), 0.53, 132),
-        ((2, 16, 4, 1024), 0.3, 108),
-        ((1, 12, 12, 3000), 0.4, 132),
-        ((3, 10, 10, 700), 0.95, 78),
-        ((1, 8, 8, 512), 0.1, 132),
-    ],
-)
+@pytest.mark.parametrize(("shape", "held_fraction", "sms"), POLICY_CASES)
 def test_in_place_chunk_bounds_put_the_peak_below_sdpa_in_fewest_waves(shape, held_fraction, sms, monkeypatch):
     """Gradients written in place (cuDNN frontend): every chunk's peak (all held operands, its dense copies and
     its accumulator share; no gradient copies) is strictly below SDPA's, one chunk only where that already holds;
     no split into fitting chunks takes fewer waves, or as few in fewer chunks, or those with a narrower widest."""
     monkeypatch.delenv(cudnn_backward.ENV, raising=False)
-    b, hq, hkv, n = shape
-    call = _call(b, hq, hkv, n)
-    dense, held, kv = _bytes(call, held_fraction)
-    acc = 4 * b * hq * n * call.head_dim
-    bounds = cudnn_backward.chunk_bounds(call, held, kv, sms, in_place=True)
-    widths = [h1 - h0 for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
-    assert bounds[0] == 0 and bounds[-1] == hkv and min(widths) >= 1
+    hkv = shape[2]
+    (dense, held, kv, acc), widths, programs = _policy_plan(shape, held_fraction, sms, in_place=True)
     fits = [w for w in range(1, hkv + 1) if held + (kv + acc) * w / hkv < dense + acc]
     widest = max(fits) if fits else 1
     assert max(widths) <= widest
     if widest == hkv:
         assert widths == [hkv]
-    programs = math.ceil(n / cudnn_backward.KEY_TILE) * b * (hq // hkv)
 
     def cost(ws):
         return sum(math.ceil(w * programs / sms) for w in ws), len(ws), max(ws)
@@ -263,6 +256,28 @@ def _reference_dense(cfg):
     return dense
 
 
+def _bookkeeping_case(gen, cfg):
+    """(leaves, held Q/K/V, out, lse, upstream gradient, call) of the CPU bookkeeping tests: GQA 8:4, two batch
+    elements, causal, the forward by the reference."""
+    leaves = inputs(gen, b=2, hq=8, hkv=4, sq=40, sk=40, d=32)
+    q, k, v, dout = (t.detach().to(DEVICE) for t in leaves)
+    kw = {"config": cfg, "backend": "reference", "return_lse": True, "is_causal": True, "enable_gqa": True}
+    out, lse = quantized_attention(q, k, v, **kw)
+    held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
+    return leaves, held, out, lse, dout, make_call(q, q.shape, v.shape, None, True, 32**-0.5, cfg)
+
+
+def _assert_float64_grads(got, leaves, cfg, need_dkv):
+    """Gradients against float64 autograd over the dequantised operands (dK/dV empty without need_dkv)."""
+    ref = ref_grads(*leaves, cfg, is_causal=True)
+    assert rel(got[0].cpu(), ref[0]) < 5e-5
+    if need_dkv:
+        for a, b in zip(got[1:], ref[1:], strict=True):
+            assert a.shape == b.shape and rel(a.cpu(), b) < 5e-5
+    else:
+        assert got[1].shape == got[2].shape == (0,)
+
+
 @needs_kernels
 @pytest.mark.parametrize("name", ["kv-int4", "qk-int8-pv-fp8"])
 @pytest.mark.parametrize("chunks", ["1", "2", "3"])
@@ -278,21 +293,10 @@ def test_chunked_backward_bookkeeping_against_float64_autograd(name, chunks, nee
     cfg = QuantConfig.preset(name)
     dense = _reference_dense(cfg)
     monkeypatch.setattr(cudnn_backward, "dense_backward", lambda *a: slices.append(a[1].shape[1]) or dense(*a))
-    leaves = inputs(gen, b=2, hq=8, hkv=4, sq=40, sk=40, d=32)
-    q, k, v, dout = (t.detach().to(DEVICE) for t in leaves)
-    kw = {"config": cfg, "backend": "reference", "return_lse": True, "is_causal": True, "enable_gqa": True}
-    out, lse = quantized_attention(q, k, v, **kw)
-    held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
-    call = make_call(q, q.shape, v.shape, None, True, 32**-0.5, cfg)
+    leaves, held, out, lse, dout, call = _bookkeeping_case(gen, cfg)
     got = cudnn_backward.attention_backward(*held, out, lse, dout, None, call, need_dkv)
     assert slices == {"1": [8], "2": [4, 4], "3": [2, 2, 4]}[chunks]  # query heads of 1, 2 or 1+1+2 K/V heads
-    ref = ref_grads(*leaves, cfg, is_causal=True)
-    assert rel(got[0].cpu(), ref[0]) < 5e-5
-    if need_dkv:
-        for a, b in zip(got[1:], ref[1:], strict=True):
-            assert a.shape == b.shape and rel(a.cpu(), b) < 5e-5
-    else:
-        assert got[1].shape == got[2].shape == (0,)
+    _assert_float64_grads(got, leaves, cfg, need_dkv)
 
 
 @needs_kernels
@@ -314,12 +318,7 @@ def test_in_place_backward_bookkeeping_against_float64_autograd(chunks, need_dkv
             got.copy_(want)
 
     monkeypatch.setattr(cudnn_graph, "backward_into", into)
-    leaves = inputs(gen, b=2, hq=8, hkv=4, sq=40, sk=40, d=32)
-    q, k, v, dout = (t.detach().to(DEVICE) for t in leaves)
-    kw = {"config": cfg, "backend": "reference", "return_lse": True, "is_causal": True, "enable_gqa": True}
-    out, lse = quantized_attention(q, k, v, **kw)
-    held = [quantize(t, spec) for t, spec in ((q, cfg.q), (k, cfg.k), (v, cfg.v))]
-    call = make_call(q, q.shape, v.shape, None, True, 32**-0.5, cfg)
+    leaves, held, out, lse, dout, call = _bookkeeping_case(gen, cfg)
     empty = torch.Tensor.new_empty
 
     def poisoned(t, *a, **kw):
@@ -330,13 +329,7 @@ def test_in_place_backward_bookkeeping_against_float64_autograd(chunks, need_dkv
     got = cudnn_backward.attention_backward(*held, out, lse, dout, None, call, need_dkv, release_held=True)
     assert [s[:2] for s in seen] == {"1": [(8, 4)], "3": [(2, 1), (2, 1), (4, 2)]}[chunks]
     assert held[1].data.untyped_storage().nbytes() == 0
-    ref = ref_grads(*leaves, cfg, is_causal=True)
-    assert rel(got[0].cpu(), ref[0]) < 5e-5
-    if need_dkv:
-        for a, b in zip(got[1:], ref[1:], strict=True):
-            assert a.shape == b.shape and rel(a.cpu(), b) < 5e-5
-    else:
-        assert got[1].shape == got[2].shape == (0,)
+    _assert_float64_grads(got, leaves, cfg, need_dkv)
 
 
 @needs_kernels

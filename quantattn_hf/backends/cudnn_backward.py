@@ -221,10 +221,10 @@ def backward_in_chunks(
         raise ValueError(f"chunk bounds must rise from 0 to {hkv} K/V heads, got {bounds}")
     sq, sk, dtype = call.q_len, call.kv_len, call.dtype
     grad_out = grad_out.contiguous()
-    grads: list[torch.Tensor] = []
     dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
     if cudnn_graph.available():
         return _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, dense_q, dense_kv)
+    grads: list[torch.Tensor] = []
     whole = len(bounds) == 2  # one chunk: whole tensors, no slices, no gradient copies
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)

@@ -126,16 +126,17 @@ def _decode_split(
     chunk = tl.cdiv(tl.cdiv(SK, SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, SK)
-    if QK_DTYPE == tl.float16 and (K_FOLD or K_PHASES > 0):
-        # Q times K's folded scales must fit fp16: each row's bound over this split (|q| max times K's largest
-        # scale, times CODE_UNIT for the word path) is taken to 2**14 by a power of two that the scores take back
+    # Q times K's folded scales must fit the dot's fp16 (bf16 has float32's range): each row's bound over this
+    # split (|q| max times K's largest scale, times CODE_UNIT for the word path) is taken to 2**14 by a power of
+    # two that the scores take back
+    NORM: tl.constexpr = QK_DTYPE == tl.float16 and (K_FOLD or K_PHASES > 0)
+    norm = tl.full([R_PAD], 1.0, tl.float32)
+    qk_rows = tl.full([R_PAD], qk_scale, tl.float32)
+    if NORM:
         s_max = k_scale_max(Ks, ks_base, lo, hi, K_T, sks_g, sks_d, offs_d, d_valid, K_MODE)
         unit = CODE_UNIT if K_PHASES > 0 else 1.0
         norm, inv_norm = pow2_rows(tl.max(tl.abs(q_f), axis=1) * s_max * unit)
         qk_rows = qk_scale * inv_norm
-    else:
-        norm = tl.full([R_PAD], 1.0, tl.float32)
-        qk_rows = tl.full([R_PAD], qk_scale, tl.float32)
     m_i = tl.full([R_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([R_PAD], tl.float32)
     acc = tl.zeros([R_PAD, DV_PAD], tl.float32)
@@ -154,20 +155,21 @@ def _decode_split(
             g = (start_n // K_T).to(tl.int64)
             s, bias = phased_k_scores(
                 K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, n_valid, sk_s, sks_d, skm_d,
-                q_ph, norm, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, D_PAD, K_PHASES, TRANSPOSED_QK,
+                q_ph, norm, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, D_PAD, K_PHASES, TRANSPOSED_QK, NORM,
             )  # fmt: skip
-            s = s * qk_rows[:, None] + (bias * qk_scale)[:, None]
+            s = fold_scores(s, bias, qk_rows, qk_scale, NORM)
         elif K_FOLD:
             g = (start_n // K_T).to(tl.int64)
             k_op, q_k, bias = fold_k_group(
                 K, Ks, Km, k_base, ks_base + g * sks_g, km_base + g * skm_g, offs_n, offs_d, n_valid, d_valid,
                 sk_s, sk_d, sks_d, skm_d, q_f, norm, K_PREC, K_MODE, K_HAS_MEAN, QK_DTYPE, INTERPRET, CODES_BY_BITS,
+                NORM,
             )  # fmt: skip
             if TRANSPOSED_QK:
                 s = tl.trans(tl.dot(k_op, tl.trans(q_k)))
             else:
                 s = tl.dot(q_k, tl.trans(k_op))
-            s = s * qk_rows[:, None] + (bias * qk_scale)[:, None]
+            s = fold_scores(s, bias, qk_rows, qk_scale, NORM)
         else:
             if K_GROUPS > 1:
                 k = load_dequant_groups(
@@ -264,13 +266,13 @@ def _decode_split(
 def fold_k_group(
     K, Ks, Km, k_base, ks_off, km_off, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, sks_d, skm_d, q, norm,
     PREC: tl.constexpr, MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-    CODES_BY_BITS: tl.constexpr,
+    CODES_BY_BITS: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    """(K codes, Q times K's scales times the rows' norm, Q·mean) of a key tile inside one statistic group.
+    """(K codes, Q times K's scales (times the rows' norm with NORM), Q·mean) of a key tile inside one statistic group.
 
     Q·K'ᵀ = (Q·diag(scale))·codesᵀ + Q·mean: the [R, D] query tile is scaled once per tile instead of the
     [BLOCK_N, D] key tile being dequantised, and the codes go to the dot with only a conversion (exact in 16 bits).
-    The caller takes the rows' power-of-two norm (1 unless the dot is in fp16) back out of the scores.
+    The caller takes the rows' power-of-two norm back out of the scores (fold_scores).
     """
     codes = code_values(load_codes(K, k_base, offs_n, offs_d, n_valid, d_valid, sk_s, sk_d, PREC), PREC, CODES_BY_BITS)
     if MODE == 3:
@@ -281,7 +283,21 @@ def fold_k_group(
     if HAS_MEAN:
         mean = tl.load(Km + km_off + offs_d * skm_d, mask=d_valid, other=0.0)
         bias = tl.sum(q * mean[None, :], axis=1)
-    return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q * scale * norm[:, None], DTYPE, INTERPRET), bias
+    q_k = q * scale
+    if NORM:
+        q_k = q_k * norm[:, None]
+    return dot_operand(codes, DTYPE, INTERPRET), dot_operand(q_k, DTYPE, INTERPRET), bias
+
+
+@triton.jit
+def fold_scores(s, bias, qk_rows, qk_scale, NORM: tl.constexpr):
+    """Scores in log2 units from a folded dot and its bias Q·mean: with NORM the dot's rows carry a power-of-two
+    norm, which qk_rows (qk_scale over the norm) takes back."""
+    if NORM:
+        y = s * qk_rows[:, None] + (bias * qk_scale)[:, None]
+    else:
+        y = (s + bias[:, None]) * qk_scale
+    return y
 
 
 @triton.jit
@@ -380,10 +396,10 @@ def nibble_phase(words, J: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constex
 def phased_k_scores(
     K, Ks, Km, k_base, ks_off, km_off, offs_n, n_valid, sk_s, sks_d, skm_d, q_ph, norm,
     MODE: tl.constexpr, HAS_MEAN: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
-    D_PAD: tl.constexpr, PHASES: tl.constexpr, TRANSPOSED: tl.constexpr,
+    D_PAD: tl.constexpr, PHASES: tl.constexpr, TRANSPOSED: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    """(S less its bias, times the rows' norm; bias Q·mean [R]) of an int4 key tile inside one statistic group,
-    the codes read as words.
+    """(S less its bias, times the rows' norm with NORM; bias Q·mean [R]) of an int4 key tile inside one statistic
+    group, the codes read as words.
 
     S = sum_j (Q_j·diag(scale_j))·codes_jᵀ over the nibble phases j (one dot each, no interleave of the nibbles);
     with codes = CODE_UNIT * (x - CODE_OFFSET), CODE_UNIT goes onto Q's scaled tile (a power of two, exact) and
@@ -397,26 +413,36 @@ def phased_k_scores(
         acc = tl.zeros([offs_n.shape[0], rows], tl.float32)
     else:
         acc = tl.zeros([rows, offs_n.shape[0]], tl.float32)
-    off = tl.zeros([rows, w], tl.float32)
-    bias = tl.zeros([rows, w], tl.float32)
+    corr = tl.zeros([rows, w], tl.float32)
+    bias = tl.zeros([rows, w], tl.float32)  # Q·mean, apart from corr where the rows carry a norm
     for j in tl.static_range(PHASES):
         ch = offs_w * PHASES + j
         if MODE == 3:
             scale = tl.load(Ks + ks_off + ch * sks_d)[None, :]
         else:
             scale = tl.load(Ks + ks_off)
-        qk = dot_operand(q_ph[j] * (scale * CODE_UNIT) * norm[:, None], DTYPE, INTERPRET)
+        q_j = q_ph[j] * (scale * CODE_UNIT)
+        if NORM:
+            q_j = q_j * norm[:, None]
+        qk = dot_operand(q_j, DTYPE, INTERPRET)
         k_j = nibble_phase(words, j, PHASES, DTYPE, INTERPRET)
         if TRANSPOSED:
             acc = tl.dot(k_j, tl.trans(qk), acc)
         else:
             acc = tl.dot(qk, tl.trans(k_j), acc)
-        off = off - qk.to(tl.float32) * CODE_OFFSET
+        corr = corr - qk.to(tl.float32) * CODE_OFFSET
         if HAS_MEAN:
-            bias = bias + q_ph[j] * tl.load(Km + km_off + ch * skm_d)[None, :]
+            q_mean = q_ph[j] * tl.load(Km + km_off + ch * skm_d)[None, :]
+            if NORM:
+                bias = bias + q_mean
+            else:
+                corr = corr + q_mean
     if TRANSPOSED:
         acc = tl.trans(acc)
-    return acc + tl.sum(off, axis=1)[:, None], tl.sum(bias, axis=1)
+    if NORM:
+        acc = acc + tl.sum(corr, axis=1)[:, None]
+        corr = bias
+    return acc, tl.sum(corr, axis=1)
 
 
 @triton.jit
