@@ -18,7 +18,9 @@ does not return them), and the peak of that backward is then SDPA's.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from types import ModuleType
 
 import torch
 
@@ -185,6 +187,16 @@ def _attention_bwd_fake(
     return dq, grad_out.new_empty(_held_shape(k_data, config.k)), grad_out.new_empty(_held_shape(v_data, config.v))
 
 
+@functools.cache
+def _cuda_backward_modules() -> tuple[ModuleType | None, ModuleType | None]:
+    """(cudnn_backward, triton_backward), imported once (both need triton), or (None, None) without triton."""
+    try:
+        from .backends import cudnn_backward, triton_backward
+    except ImportError:
+        return None, None
+    return cudnn_backward, triton_backward
+
+
 def _backward_backend(name: str, device: torch.device, call: AttentionCall, grad_lse: torch.Tensor | None):
     """The backward kernels that serve this call: cuDNN's over dequantised operands where it can (CUDA), else
     the Triton ones, else None (the reference)."""
@@ -193,10 +205,7 @@ def _backward_backend(name: str, device: torch.device, call: AttentionCall, grad
         return None
     if name == "triton":
         reason = "triton cannot be imported"
-        try:
-            from .backends import cudnn_backward, triton_backward
-        except ImportError:
-            cudnn_backward = triton_backward = None
+        cudnn_backward, triton_backward = _cuda_backward_modules()
         if cudnn_backward is not None and cudnn_backward.unsupported_reason(call, grad_lse) is None:
             return cudnn_backward
         if triton_backward is not None:

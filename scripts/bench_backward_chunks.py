@@ -11,10 +11,13 @@ Per layer (Flux- and Llama-sized, as in bench_train) and preset, each plan (the 
 - peak MiB: bytes above what both methods share (output, lse, upstream gradient): the held operands plus the
   backward's peak, against the dense Q/K/V plus the backward's peak for SDPA.
 The baseline row `sdpa` is SDPA's own backward kernel (cuDNN) over the dense operands. `policy` marks the plan
-`chunk_bounds` picks. Then the host time of each step of one chunk and of the whole backward op, and, through
+`backward_plan` picks; every plan dequantises K/V as the policy does (once for all chunks, or by chunk). Then
+the host time of each step of one chunk and of the whole backward op, and, through
 autograd over a chain of `--chain` layers as bench_train times it, the backward's host ms and wall ms per layer
 for SDPA and the preset (the default backward, held operands released); with `--profile`, a
-torch.profiler table of the preset's backward (host time by op and CUDA runtime call).
+torch.profiler table of the preset's backward (host time by op and CUDA runtime call); with `--kernels`, each
+plan's GPU kernels by name (cuDNN's launches: the dO·O dot, the main kernel, dQ's conversion, GQA's dK/dV
+head reduction).
 
     python scripts/bench_backward_chunks.py --json out/chunks.json
 """
@@ -63,6 +66,23 @@ def measure(fn, reps: int) -> dict:
     return {"gpu_ms": gpu, "eager_ms": eager, "host_ms": host, "peak_bytes": peak}
 
 
+def kernel_table(fn, reps: int = 10) -> list[tuple[str, float, float]]:
+    """(kernel name, GPU us per call, launches per call) of fn's kernels from torch.profiler, longest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(e.name, [0.0, 0.0])
+            entry[0] += e.time_range.elapsed_us() / reps
+            entry[1] += 1 / reps
+    return sorted(((name, us, n) for name, (us, n) in kernels.items()), key=lambda k: -k[1])
+
+
 def timed_calls(fn, reps: int) -> tuple[float, float]:
     """(host ms, wall ms) per call of fn over `reps` calls back to back after a warm one: the host's is its Python
     time (launches are asynchronous, the GPU catches up after), the wall one ends when the GPU does."""
@@ -88,7 +108,7 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
     )
     call = make_call(q, q.shape, v.shape, None, causal, d**-0.5, cfg)
     held_bytes = sum(t.nbytes() for t in held)
-    policy = cudnn_backward.held_chunk_bounds(*held, call, in_place=cudnn_graph.available())
+    policy, kv_once = cudnn_backward.backward_plan(*held, call, in_place=cudnn_graph.available())
     dense = [t.dequantize(torch.bfloat16) for t in held]
     dense_bytes = sum(t.nbytes for t in (q, k, v))
 
@@ -96,6 +116,8 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
         cudnn_backward.dense_backward(dout, *dense, out, lse, causal, call.scale)
 
     rows = [{"layer": layer, "preset": preset, "plan": "sdpa", **measure(sdpa, reps), "resident": dense_bytes}]
+    if args.kernels:
+        rows[0]["kernels"] = kernel_table(sdpa)
     named = {plan_text(policy): policy}
     for text in plans:
         if "+" in text:
@@ -109,9 +131,11 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
     for text, bounds in named.items():
 
         def chunked(bounds=bounds) -> None:
-            cudnn_backward.backward_in_chunks(*held, out, lse, dout, call, bounds)
+            cudnn_backward.backward_in_chunks(*held, out, lse, dout, call, bounds, kv_once=kv_once)
 
         row = {"layer": layer, "preset": preset, "plan": text, **measure(chunked, reps), "resident": held_bytes}
+        if args.kernels:
+            row["kernels"] = kernel_table(chunked)
         row["policy"] = bounds == policy
         rows.append(row)
     base = rows[0]
@@ -140,13 +164,15 @@ def run_layer(layer: str, preset: str, plans: list[str], reps: int, args) -> lis
             whole[1][:, ks].copy_(part[1]),
             whole[2][:, ks].copy_(part[2]),
         ),
-        "backward_in_chunks (policy)": lambda: cudnn_backward.backward_in_chunks(*held, out, lse, dout, call, policy),
+        "backward_in_chunks (policy)": lambda: cudnn_backward.backward_in_chunks(
+            *held, out, lse, dout, call, policy, kv_once=kv_once
+        ),
         "attention_bwd op (policy)": lambda: _attention_bwd_op(
             dout, None, out, lse, *parts, None, causal, call.scale, cfg.to_json(), "triton", [None] * 3, True
         ),
     }
     host = {name: timed_calls(fn, reps)[0] for name, fn in steps.items()}
-    rows.append({"layer": layer, "preset": preset, "plan": "host steps", "host_steps_ms": host})
+    rows.append({"layer": layer, "preset": preset, "plan": "host steps", "host_steps_ms": host, "kv_once": kv_once})
     rows.append({"layer": layer, "preset": preset, "plan": "autograd", **autograd_host(layer, preset, args)})
     return rows
 
@@ -210,6 +236,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--chain", type=int, default=4, help="layers in the autograd chain (as bench_train's)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of the preset's backward")
+    parser.add_argument("--kernels", action="store_true", help="print each plan's GPU kernels (torch.profiler)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -236,11 +263,17 @@ def main() -> None:
             f"{r['layer']:<6} {r['preset']:<15} {plan:<12} {gpu:>7} {gpu_r:>6} {r['eager_ms']:>9.3f} "
             f"{r['eager_vs_sdpa']:>6.2f} {r['host_ms']:>8.3f} {r['peak_mib']:>9.1f} {r['peak_vs_sdpa']:>6.2f}"
         )
-    print("* the plan chunk_bounds picks")
+    print("* the plan backward_plan picks")
+    for r in rows:
+        if "kernels" in r:
+            print(f"kernels of {r['layer']} {r['preset']} {r['plan']} (GPU us per call, launches per call):")
+            for name, us, n in r["kernels"]:
+                print(f"  {us:9.1f} {n:4.1f}  {name[:100]}")
     for r in rows:
         if "host_steps_ms" in r:
             print(
-                f"host ms per call, {r['layer']} {r['preset']}: "
+                f"host ms per call, {r['layer']} {r['preset']} "
+                f"(K/V dequantised {'once' if r['kv_once'] else 'by chunk'}): "
                 + "; ".join(f"{k} {v:.3f}" for k, v in r["host_steps_ms"].items())
             )
     for r in rows:

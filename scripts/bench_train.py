@@ -2,9 +2,11 @@
 
 One Flux-sized attention layer (B=1, H=24, N=4608, D=128, bf16) and one Llama-sized layer (B=1, Hq=32,
 Hkv=8 GQA, N=4096, D=128, causal), side by side in one run. Per method: forward ms (with autograd
-recording), forward+backward ms, backward ms (timed alone, after an untimed forward), each per layer of a
-chain of `--chain` layers (default 4; each layer's output is the next one's query, so the host's work for one
-layer overlaps the GPU's for another as in a model), bytes saved for backward (tensors
+recording), forward+backward ms, backward ms (timed alone, after an untimed forward) and the backward's GPU
+kernel time (its kernels' durations summed by torch.profiler: the time it costs where the host keeps ahead, as
+in a model whose other layers give the GPU work), each per layer of a chain of `--chain` layers (default 4;
+each layer's output is the next one's query, so the host's work for one layer overlaps the GPU's for another;
+the first layer's host time is not hidden), bytes saved for backward (tensors
 autograd keeps after the forward; Q, K, V come from a projection stand-in so that nothing else holds
 them) and, on CUDA, the peak memory of forward+backward above the inputs, of one layer and of the whole chain
 (a model's peak: every layer's saved tensors, then one layer's backward). `--tiny` runs small shapes on the CPU as
@@ -86,6 +88,23 @@ def timed_backward(
     return statistics.median(times)
 
 
+def kernel_backward_ms(forward, dout: torch.Tensor, device: torch.device, reps: int, retain: bool = False):
+    """Median GPU kernel time in ms of the backward (after a fresh forward each time): the sum of its kernels'
+    durations from torch.profiler, so without the gaps where the GPU waits for the host (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(reps):
+        out = forward()
+        _sync(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out.backward(dout, retain_graph=retain)
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        times.append(sum(e.time_range.elapsed_us() for e in kernels) / 1e3)
+    return statistics.median(times)
+
+
 def attention_fn(method: str, causal: bool, backend: str | None):
     """(q, k, v) -> out for SDPA (default choice, or one of its kernels) or one quantattn-hf preset."""
     if method == "sdpa":
@@ -151,6 +170,7 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
     fwd_ms = timed(chain, device, args.warmup, args.reps) * per_layer  # the training forward: records the graph
     train_ms = timed(forward_backward, device, args.warmup, args.reps) * per_layer
     bwd_ms = timed_backward(chain, dout, device, args.warmup, args.reps, retain) * per_layer
+    gpu_ms = kernel_backward_ms(chain, dout, device, max(3, args.reps // 4), retain)
     for x in leaves:
         x.grad = None
     chain_peak = peak_mib(forward_backward, device)
@@ -177,6 +197,7 @@ def _run_layer(method: str, shape: tuple, dtype: torch.dtype, device: torch.devi
         "fwd_ms": fwd_ms,
         "fwd_bwd_ms": train_ms,
         "bwd_ms": bwd_ms,
+        "bwd_gpu_ms": None if gpu_ms is None else gpu_ms * per_layer,
         "saved_mib": saved_bytes / MIB,
         "peak_mib": peak,
         "chain_peak_mib": chain_peak,
@@ -301,14 +322,15 @@ def main() -> None:
 
     header = (
         f"{'layer':<6} {'B,Hq,Hkv,N,D,causal':<26} {'method':<15} {'fwd ms':>8} {'fwd+bwd':>9} {'bwd ms':>8} "
-        f"{'bwd/SDPA':>9} {'saved MiB':>10} {'saved/SDPA':>11} {'peak MiB':>9} {'peak/SDPA':>10} "
-        f"{'chain peak':>11} {'/SDPA':>6}"
+        f"{'bwd/SDPA':>9} {'bwd GPU':>8} {'/SDPA':>6} {'saved MiB':>10} {'saved/SDPA':>11} {'peak MiB':>9} "
+        f"{'peak/SDPA':>10} {'chain peak':>11} {'/SDPA':>6}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         base = sdpa[r["layer"]]
         r["bwd_vs_sdpa"] = r["bwd_ms"] / base["bwd_ms"] if base["bwd_ms"] > 0 else None
+        r["bwd_gpu_vs_sdpa"] = r["bwd_gpu_ms"] / base["bwd_gpu_ms"] if r["bwd_gpu_ms"] and base["bwd_gpu_ms"] else None
         r["saved_vs_sdpa"] = r["saved_mib"] / base["saved_mib"] if base["saved_mib"] else None
         r["peak_vs_sdpa"] = r["peak_mib"] / base["peak_mib"] if r["peak_mib"] and base["peak_mib"] else None
         r["chain_peak_vs_sdpa"] = (
@@ -317,7 +339,8 @@ def main() -> None:
         shape = ",".join(str(x) for x in r["shape"])
         print(
             f"{r['layer']:<6} {shape:<26} {r['method']:<15} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>9.3f} "
-            f"{r['bwd_ms']:>8.3f} {_fmt(r['bwd_vs_sdpa'], '>9.2f')} {r['saved_mib']:>10.2f} "
+            f"{r['bwd_ms']:>8.3f} {_fmt(r['bwd_vs_sdpa'], '>9.2f')} {_fmt(r['bwd_gpu_ms'], '>8.3f')} "
+            f"{_fmt(r['bwd_gpu_vs_sdpa'], '>6.2f')} {r['saved_mib']:>10.2f} "
             f"{_fmt(r['saved_vs_sdpa'], '>11.2f')} {_fmt(r['peak_mib'], '>9.1f')} {_fmt(r['peak_vs_sdpa'], '>10.2f')} "
             f"{_fmt(r['chain_peak_mib'], '>11.1f')} {_fmt(r['chain_peak_vs_sdpa'], '>6.2f')}"
         )

@@ -200,6 +200,24 @@ def test_in_place_chunk_bounds_of_flux_and_llama_on_an_h100(monkeypatch):
         assert cudnn_backward.chunk_bounds(call, q_bytes + kv_codes + stats, dequant, 132, in_place=True) == want
 
 
+@pytest.mark.parametrize("name", ["kv-int8", "kv-int4", "qk-int8-pv-fp8"])
+def test_backward_plan_dequantises_kv_once_where_that_plans_as_few_waves(name, monkeypatch):
+    """In place, K/V are dequantised once where their whole dense copies plan as few waves and chunks as copies
+    by chunk: at the Llama shape always (GQA 32/8: K/V are a quarter of Q's bytes), at the Flux shape where
+    the codes are released (or small: kv-int4's), as 13+11 heads either way; torch's op path never (its
+    released backward runs one chunk)."""
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    for (b, hq, hkv, n), bounds in (((1, 24, 24, 4608), [0, 13, 24]), ((1, 32, 8, 4096), [0, 4, 8])):
+        meta = [torch.empty(b, h, n, 128, dtype=torch.bfloat16, device="meta") for h in (hq, hkv, hkv)]
+        cfg = QuantConfig.preset(name)
+        held = [quantize(t, spec) for t, spec in zip(meta, (cfg.q, cfg.k, cfg.v), strict=True)]
+        call = make_call(meta[0], meta[0].shape, meta[2].shape, None, hq != hkv, 128**-0.5, cfg)
+        for release in (True, False):
+            once = release or hq != hkv or name == "kv-int4"
+            assert cudnn_backward.backward_plan(*held, call, release, True, 132) == (bounds, once), (hkv, release)
+            assert not cudnn_backward.backward_plan(*held, call, release, False, 132)[1]
+
+
 def test_chunk_bounds_one_chunk_when_the_dense_copy_fits_and_uneven_to_fill_waves(monkeypatch):
     monkeypatch.delenv(cudnn_backward.ENV, raising=False)
     call = _call()
@@ -299,26 +317,8 @@ def test_chunked_backward_bookkeeping_against_float64_autograd(name, chunks, nee
     _assert_float64_grads(got, leaves, cfg, need_dkv)
 
 
-@needs_kernels
-@pytest.mark.parametrize("chunks", ["1", "3"])
-@pytest.mark.parametrize("need_dkv", [True, False])
-def test_in_place_backward_bookkeeping_against_float64_autograd(chunks, need_dkv, gen, monkeypatch):
-    """The cuDNN frontend's path with its graph replaced by the float64 reference backward (on the CPU) writing
-    into the tensors it is given: every chunk writes its gradients into its own slices of the whole ones (NaN
-    before, so a slice left unwritten shows), and the codes are released after the last dequantisation."""
-    monkeypatch.setenv(cudnn_backward.ENV, chunks)
-    monkeypatch.setattr(cudnn_graph, "available", lambda: True)
-    cfg = QuantConfig.preset("kv-int4")
-    dense = _reference_dense(cfg)
-    seen = []
-
-    def into(dq, dk, dv, grad_out, q, k, v, out, lse, is_causal, scale):
-        seen.append((dq.shape[1], dk.shape[1], k.untyped_storage().nbytes() > 0))
-        for got, want in zip((dq, dk, dv), dense(grad_out, q, k, v, out, lse, is_causal, scale), strict=True):
-            got.copy_(want)
-
-    monkeypatch.setattr(cudnn_graph, "backward_into", into)
-    leaves, held, out, lse, dout, call = _bookkeeping_case(gen, cfg)
+def _poison_new_empty(monkeypatch):
+    """Tensor.new_empty fills floating-point tensors with NaN: a gradient slice nobody writes shows."""
     empty = torch.Tensor.new_empty
 
     def poisoned(t, *a, **kw):
@@ -326,10 +326,56 @@ def test_in_place_backward_bookkeeping_against_float64_autograd(chunks, need_dkv
         return x.fill_(float("nan")) if x.is_floating_point() else x
 
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
-    got = cudnn_backward.attention_backward(*held, out, lse, dout, None, call, need_dkv, release_held=True)
-    assert [s[:2] for s in seen] == {"1": [(8, 4)], "3": [(2, 1), (2, 1), (4, 2)]}[chunks]
-    assert held[1].data.untyped_storage().nbytes() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["kv-int4", "qk-int8-pv-fp8"])
+@pytest.mark.parametrize("bounds", [[0, 4], [0, 1, 2, 4]])
+@pytest.mark.parametrize("kv_once", [False, True])
+@pytest.mark.parametrize("need_dkv", [True, False])
+def test_in_place_backward_bookkeeping_against_float64_autograd(name, bounds, kv_once, need_dkv, gen, monkeypatch):
+    """The cuDNN frontend's path with its graph replaced by the float64 reference backward (on the CPU) reading
+    and writing the head ranges it is given, as `cudnn_graph.backward_into` documents: every chunk writes its
+    gradients into its own heads of the whole ones (NaN before, so heads left unwritten show); K/V are
+    dequantised by chunk, or once with their codes released before the first chunk; every code is released
+    by the last."""
+    monkeypatch.setattr(cudnn_graph, "available", lambda: True)
+    cfg = QuantConfig.preset(name)
+    dense = _reference_dense(cfg)
+    leaves, held, out, lse, dout, call = _bookkeeping_case(gen, cfg)
+    seen = []
+
+    def into(dq, dk, dv, grad_out, q, k, v, out, lse, is_causal, scale, kv_heads, groups):
+        h0, h1 = kv_heads
+        ranged = []
+        tensors = (dq, dk, dv, grad_out, q, k, v, out, lse)
+        for t, query_side in zip(tensors, (True, False, False, True, True, False, False, True, True), strict=True):
+            start, width = (h0 * groups, (h1 - h0) * groups) if query_side else (h0, h1 - h0)
+            ranged.append(t if t.shape[1] == width else t.narrow(1, start, width))
+        seen.append((ranged[0].shape[1], ranged[1].shape[1], held[1].data.untyped_storage().nbytes() > 0))
+        for got, want in zip(ranged[:3], dense(*ranged[3:], is_causal, scale), strict=True):
+            got.copy_(want)
+
+    monkeypatch.setattr(cudnn_graph, "backward_into", into)
+    _poison_new_empty(monkeypatch)
+    got = cudnn_backward.backward_in_chunks(
+        *held, out, lse, dout, call, bounds, need_dkv, release_held=True, kv_once=kv_once
+    )  # fmt: skip
+    widths = [(2 * (h1 - h0), h1 - h0) for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert [s[:2] for s in seen] == widths
+    assert [s[2] for s in seen] == [not kv_once] * (len(widths) - 1) + [False]  # K's codes, when each chunk ran
+    assert all(t.data.untyped_storage().nbytes() == 0 for t in held if t.spec.quantized)
     _assert_float64_grads(got, leaves, cfg, need_dkv)
+
+
+def test_first_head_of_a_range():
+    """`first_head`: a whole tensor's range starts at its start, a tensor of exactly the range's heads at 0 (the
+    range's own); a range beyond a tensor's heads is refused."""
+    whole, own = torch.empty(2, 8, 5, 16), torch.empty(2, 3, 5, 16)
+    assert [cudnn_graph.first_head(whole, s, w) for s, w in ((0, 8), (0, 3), (3, 4), (7, 1))] == [0, 0, 3, 7]
+    assert cudnn_graph.first_head(own, 5, 3) == 0
+    with pytest.raises(ValueError, match="heads"):
+        cudnn_graph.first_head(whole, 6, 3)
 
 
 @needs_kernels
@@ -378,9 +424,9 @@ def test_released_operands_give_one_chunk(monkeypatch):
         cfg = QuantConfig.preset(name)
         held = [quantize(t, spec) for t, spec in zip(meta, (cfg.q, cfg.k, cfg.v), strict=True)]
         call = make_call(meta[0], meta[0].shape, meta[2].shape, None, False, 128**-0.5, cfg)
-        assert cudnn_backward.held_chunk_bounds(*held, call, release_held=True) == [0, 24], name
+        assert cudnn_backward.backward_plan(*held, call, release_held=True) == ([0, 24], False), name
         if any(t.spec.quantized for t in held):
-            assert len(cudnn_backward.held_chunk_bounds(*held, call)) > 2, name
+            assert len(cudnn_backward.backward_plan(*held, call)[0]) > 2, name
 
 
 def _cuda_grads(q, k, v, dout, cfg, layout="bhsd", **kw):
@@ -505,6 +551,36 @@ def test_cudnn_backward_chunks_give_the_one_chunk_gradients(gen, monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert rel(b, a) < 5e-3
+
+
+@needs_cuda
+@gpu
+@pytest.mark.parametrize("name", ["kv-int8", "qk-int8-pv-fp8"])
+def test_frontend_chunks_read_and_write_whole_tensors_by_head_range(name, gen, monkeypatch):
+    """Through the cuDNN frontend, head ranges of whole tensors (Q in place for kv presets, K/V dequantised once,
+    the gradients) by pointer offset: 1 or 3 uneven ranges, K/V once or by range, dK/dV or dQ alone, on
+    NaN-poisoned gradients, against float64 autograd over the dequantised operands."""
+    if not cudnn_graph.available():
+        pytest.skip("needs the cuDNN frontend (the optional 'cuda' extra)")
+    monkeypatch.delenv(cudnn_backward.ENV, raising=False)
+    cfg = QuantConfig.preset(name)
+    q, k, v, dout = inputs(gen, b=2, hq=8, hkv=4, sq=256, sk=256, d=128, dtype=torch.bfloat16)
+    qc, kc, vc, dc = (t.detach().to("cuda", torch.bfloat16) for t in (q, k, v, dout))
+    kw = {"config": cfg, "is_causal": True, "enable_gqa": True, "backend": "triton", "return_lse": True}
+    out, lse = quantized_attention(qc, kc, vc, **kw)
+    call = make_call(qc, qc.shape, vc.shape, None, True, 128**-0.5, cfg)
+    ref = ref_grads(q, k, v, dout, cfg, is_causal=True)
+    _poison_new_empty(monkeypatch)
+    for bounds in ([0, 4], [0, 1, 2, 4]):
+        for kv_once in (False, True):
+            for need_dkv in (True, False):
+                held = [quantize(t, spec) for t, spec in ((qc, cfg.q), (kc, cfg.k), (vc, cfg.v))]
+                got = cudnn_backward.backward_in_chunks(
+                    *held, out, lse, dc, call, bounds, need_dkv, release_held=True, kv_once=kv_once
+                )  # fmt: skip
+                for i, (a, b) in enumerate(zip(got if need_dkv else got[:1], ref, strict=False)):
+                    assert rel(a.float().cpu(), b) < (2e-2 if name == "qk-int8-pv-fp8" else 1e-2), (bounds, kv_once, i)
+                assert need_dkv or got[1].shape == got[2].shape == (0,)
 
 
 @needs_cuda

@@ -9,7 +9,8 @@ range ("chunks"), so their dense copies exist for one chunk at a time: `chunk_bo
 than the peak allows, uneven where that fills the GPU's waves (Flux on an H100: 10+7+7 heads take 7% more GPU
 time than one chunk, 8+8+8 30% more; scripts/bench_backward_chunks.py). Through the cuDNN frontend
 (`cudnn_graph`, where installed) each chunk writes its gradients straight into slices of the whole ones, so
-chunks cost no copies: the plan keeps the peak below SDPA's. Through torch's op, a chunk's gradients are copied
+chunks cost no copies: the plan keeps the peak below SDPA's, with K/V dequantised once for all chunks where that
+plans as few of them (`backward_plan`). Through torch's op, a chunk's gradients are copied
 and a backward that releases the codes runs one chunk, at SDPA's own peak (the dense copies take the place of the
 dense operands SDPA's autograd keeps). `QUANTATTN_CUDNN_BACKWARD=0` leaves the backward to the Triton kernels
 (`triton_backward`); `QUANTATTN_CUDNN_BACKWARD=n` fixes n even chunks.
@@ -63,7 +64,7 @@ def unsupported_reason(call: AttentionCall, grad_lse: torch.Tensor | None) -> st
     """None when cuDNN's backward serves `call`, else why not (the Triton kernels then run)."""
     if _fixed_chunks() == 0:
         return f"{ENV}=0"
-    device = torch.device(call.device)
+    device = call.device
     if device.type != "cuda":
         return f"tensors on {device.type}"
     if not torch.backends.cuda.cudnn_sdp_enabled():
@@ -95,19 +96,32 @@ def chunk_bounds(
     dense copies of the quantised ones (`dequant_bytes` over all heads) and its share of cuDNN's fp32 dQ
     accumulator; through torch's op also the chunk's gradients before they are copied into the whole ones
     (one chunk needs no copy: it is taken where its peak stays at SDPA's or below). `in_place` (the cuDNN
-    frontend: gradients written into slices) plans the peak strictly below SDPA's. (Before cuDNN runs, the
+    frontend: gradients written into slices) plans the peak strictly below SDPA's. (With GQA cuDNN's workspace also
+    holds per-query-head dK/dV, in SDPA's peak whole and in a chunk's its share: leaving them out only understates
+    what chunks save.) (Before cuDNN runs, the
     dequantising moment holds the held operands and the dense copies, without gradients or accumulator: never
     above SDPA's peak.) A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE) programs,
     ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more GPU time
     than one chunk does, and each chunk costs host time.
     """
-    hkv = call.kv_heads
-    fixed = _fixed_chunks()
+    return list(_bounds(_sizes(call), held_bytes, dequant_bytes, sms, in_place, _fixed_chunks()))
+
+
+def _sizes(call: AttentionCall) -> tuple[int, ...]:
+    """The call's sizes the plans depend on: element bytes, B, Hq, Hkv, Sq, Sk, D, Dv."""
+    b, hq, hkv, sq, sk = call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len
+    return (call.dtype.itemsize, b, hq, hkv, sq, sk, call.head_dim, call.head_dim_v)
+
+
+def _bounds(
+    sizes: tuple[int, ...], held: int, dequant: int, sms: int, in_place: bool, fixed: int | None
+) -> tuple[int, ...]:
+    """`chunk_bounds`: `fixed` even chunks where QUANTATTN_CUDNN_BACKWARD fixes them, else the policy's."""
+    hkv = sizes[3]
     if fixed:
         n = min(fixed, hkv)
-        return [hkv * i // n for i in range(n + 1)]
-    sizes = (call.batch, call.q_heads, hkv, call.q_len, call.kv_len, call.head_dim, call.head_dim_v)
-    return list(_planned_bounds(call.dtype.itemsize, *sizes, held_bytes, dequant_bytes, sms, in_place))
+        return tuple(hkv * i // n for i in range(n + 1))
+    return _planned_bounds(*sizes, held, dequant, sms, in_place)
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,32 +186,74 @@ def attention_backward(
     need_dkv: bool = True,
     release_held: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in the call's dtype, in the chunks of `chunk_bounds`; dK and dV are empty (0,) tensors without
+    """(dQ, dK, dV) in the call's dtype, in the chunks of `backward_plan`; dK and dV are empty (0,) tensors without
     `need_dkv`. `release_held`: the quantised operands are read by no one after this call, so their storage
     may be freed once dequantised."""
     if grad_lse is not None:
         raise ValueError("cuDNN's attention backward takes no gradient of the log-sum-exp")
-    bounds = held_chunk_bounds(q, k, v, call, release_held, in_place=cudnn_graph.available())
-    return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held)
+    bounds, kv_once = backward_plan(q, k, v, call, release_held, in_place=cudnn_graph.available())
+    return backward_in_chunks(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, kv_once)
 
 
-def held_chunk_bounds(
+def backward_plan(
     q: QuantizedTensor,
     k: QuantizedTensor,
     v: QuantizedTensor,
     call: AttentionCall,
     release_held: bool = False,
     in_place: bool = False,
-) -> list[int]:
-    """`chunk_bounds` for these held operands on their device: the bytes of theirs that stay alive while cuDNN
-    runs (through torch's op, where the quantised ones are released, the unquantised ones only: it then runs one
-    chunk; in place, all of them, as they are released only after the last chunk's dequantising), their dense
-    copies', its SMs."""
-    dequant = sum(t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] for t in (q, k, v) if t.spec.quantized)
-    held = sum(t.nbytes() for t in (q, k, v) if in_place or not (release_held and t.spec.quantized))
-    device = k.data.device
-    sms = _device_facts(device)[1] if device.type == "cuda" else 1
-    return chunk_bounds(call, held, dequant * call.dtype.itemsize, sms, in_place)
+    sms: int | None = None,
+) -> tuple[list[int], bool]:
+    """(`chunk_bounds` for these held operands on their device, whether K/V are dequantised once for all chunks).
+
+    Each chunk holds the bytes of the held operands that stay alive while cuDNN runs (through torch's op, where
+    the quantised ones are released, the unquantised ones only: it then runs one chunk; in place, all of them,
+    as they are released only after the last chunk's dequantising) and the dense copies of its heads. In place,
+    K/V may instead be dequantised once, before the first chunk (with `release_held` their codes then go at
+    once): their whole dense copies count as held, and only Q's (where quantised) are made per chunk. That costs
+    one dequantiser launch instead of one a chunk, and is taken where it plans as few waves and chunks (GQA's
+    K/V are a fraction of Q's bytes)."""
+    dense = tuple(
+        t.shape[0] * t.shape[1] * t.shape[2] * t.shape[3] * call.dtype.itemsize if t.spec.quantized else 0
+        for t in (q, k, v)
+    )
+    held = tuple(t.nbytes() for t in (q, k, v))
+    if sms is None:
+        sms = _device_facts(k.data.device)[1] if k.data.device.type == "cuda" else 1
+    plan = _plan(_sizes(call), held, dense, release_held, in_place, sms, _fixed_chunks())
+    return list(plan[0]), plan[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    sizes: tuple[int, ...],
+    held: tuple[int, int, int],
+    dense: tuple[int, int, int],
+    release_held: bool,
+    in_place: bool,
+    sms: int,
+    fixed: int | None,
+) -> tuple[tuple[int, ...], bool]:
+    """`backward_plan` over bytes (held, and dense where quantised, of Q, K, V), cached: a layer repeats them."""
+    if not in_place:
+        kept = sum(h for h, d in zip(held, dense, strict=True) if not (release_held and d))
+        return _bounds(sizes, kept, sum(dense), sms, False, fixed), False
+    ranged = _bounds(sizes, sum(held), sum(dense), sms, True, fixed)
+    if not (dense[1] or dense[2]) or fixed:
+        return ranged, False
+    kv_held = 0 if release_held else held[1] + held[2]
+    once = _bounds(sizes, held[0] + kv_held + dense[1] + dense[2], dense[0], sms, True, fixed)
+    b, hq, hkv, sk = sizes[1], sizes[2], sizes[3], sizes[5]
+    programs = math.ceil(sk / KEY_TILE) * b * (hq // hkv)
+    if _waves(once, programs, sms) <= _waves(ranged, programs, sms):
+        return once, True
+    return ranged, False
+
+
+def _waves(bounds: tuple[int, ...], programs: int, sms: int) -> tuple[int, int]:
+    """(GPU waves, chunks) of a plan whose chunks run `programs` programs a K/V head."""
+    widths = [h1 - h0 for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True)]
+    return sum(math.ceil(w * programs / sms) for w in widths), len(widths)
 
 
 def backward_in_chunks(
@@ -211,19 +267,23 @@ def backward_in_chunks(
     bounds: list[int],
     need_dkv: bool = True,
     release_held: bool = False,
+    kv_once: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) by cuDNN's backward over the K/V head ranges between consecutive `bounds` (with their query
-    heads), each range's operands dequantised just before it runs, its gradients written into slices of the
-    whole ones (cuDNN frontend) or copied there (torch's op); with `release_held`, the quantised operands'
-    storage is freed after the last range's are dequantised."""
+    heads), each range's operands dequantised just before it runs (K/V once before the first with `kv_once`,
+    through the cuDNN frontend), its gradients written into slices of the whole ones (cuDNN frontend) or copied
+    there (torch's op); with `release_held`, the quantised operands' storage is freed after their last
+    dequantising."""
     b, hq, hkv, groups = call.batch, call.q_heads, call.kv_heads, call.groups
     if bounds[0] != 0 or bounds[-1] != hkv or bounds != sorted(set(bounds)):
         raise ValueError(f"chunk bounds must rise from 0 to {hkv} K/V heads, got {bounds}")
     sq, sk, dtype = call.q_len, call.kv_len, call.dtype
     grad_out = grad_out.contiguous()
-    dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
     if cudnn_graph.available():
-        return _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, dense_q, dense_kv)
+        return _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, kv_once)
+    if kv_once:
+        raise ValueError("K/V dequantised once need the cuDNN frontend (gradients written in place)")
+    dense_q, dense_kv = HeadDequantizer([q], dtype), HeadDequantizer([k, v], dtype)
     grads: list[torch.Tensor] = []
     whole = len(bounds) == 2  # one chunk: whole tensors, no slices, no gradient copies
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
@@ -252,25 +312,29 @@ def backward_in_chunks(
     return grads[0], grads[1], grads[2]
 
 
-def _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, dense_q, dense_kv):
-    """backward_in_chunks through the cuDNN frontend: each chunk's gradients written into the whole ones' slices
-    (dK/dV into a chunk's scratch where they are not needed)."""
-    b, groups, sk = call.batch, call.groups, call.kv_len
-    dq = grad_out.new_empty((b, call.q_heads, call.q_len, call.head_dim))
+def _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, release_held, kv_once):
+    """backward_in_chunks through the cuDNN frontend: each chunk's gradients written into the whole ones' head
+    ranges (dK/dV into a chunk's scratch where they are not needed); Q, where it is not quantised, and K/V with
+    `kv_once` are read in place from whole tensors."""
+    b, groups, sk, dtype = call.batch, call.groups, call.kv_len, call.dtype
     dims = (call.head_dim, call.head_dim_v)
+    dense_kv = HeadDequantizer([k, v], dtype)
+    whole_kv = dense_kv(slice(None)) if kv_once else None
+    if kv_once and release_held:
+        _release((k, v))
+    # Q read in place where it is held as given in the call's dtype (the kv presets), else dequantised by chunk
+    dense_q = HeadDequantizer([q], dtype) if q.spec.quantized or q.data.dtype != dtype else None
+    dq = grad_out.new_empty((b, call.q_heads, call.q_len, call.head_dim))
     dkv = [grad_out.new_empty((b, call.kv_heads, sk, d) if need_dkv else (0,)) for d in dims]
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
-        qs, ks = slice(h0 * groups, h1 * groups), slice(h0, h1)
-        (qd,), (kd, vd) = dense_q(qs), dense_kv(ks)
+        qd = q.data if dense_q is None else dense_q(slice(h0 * groups, h1 * groups))[0]
+        kd, vd = whole_kv or dense_kv(slice(h0, h1))
         if release_held and h1 == call.kv_heads:
-            _release((q, k, v))
-        if need_dkv:
-            dk, dv = dkv[0][:, ks], dkv[1][:, ks]
-        else:
-            dk, dv = torch.empty_like(kd), torch.empty_like(vd)
+            _release((q,) if kv_once else (q, k, v))
+        dk, dv = dkv if need_dkv else [torch.empty((b, h1 - h0, sk, d), dtype=dtype, device=dq.device) for d in dims]
         cudnn_graph.backward_into(
-            dq[:, qs], dk, dv, grad_out[:, qs], qd, kd, vd, out[:, qs], lse[:, qs], call.is_causal, call.scale
-        )
+            dq, dk, dv, grad_out, qd, kd, vd, out, lse, call.is_causal, call.scale, (h0, h1), groups
+        )  # fmt: skip
         del qd, kd, vd, dk, dv
     return dq, dkv[0], dkv[1]
 

@@ -4,8 +4,9 @@ torch's `_scaled_dot_product_cudnn_attention_backward` allocates its gradients, 
 ranges must copy each range's gradients into the whole ones and hold both meanwhile. The frontend
 (`pip install nvidia-cudnn-frontend==1.16.*`, the optional `cuda` extra) takes any strided tensors as outputs: each head
 range writes straight into its slice of the whole gradients, and a range then holds only its dense operands
-and its share of cuDNN's workspace. Graphs are built once per signature (shapes, strides, dtype, mask, scale) and
-replayed with new pointers. Without the package (or with QUANTATTN_CUDNN_GRAPH=0) `cudnn_backward` uses torch's op.
+and its share of cuDNN's workspace. Whole tensors are read and written at a head range's offset, without views;
+graphs are built once per signature (the range's shapes, the strides, dtype, mask, scale) and replayed with new
+pointers. Without the package (or with QUANTATTN_CUDNN_GRAPH=0) `cudnn_backward` uses torch's op.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def _build(q, k, v, o, d_o, stats, dq, dk, dv, is_causal: bool, scale: float) ->
     return _Graph(graph, tuple(t.get_uid() for t in (*inputs, *outputs)), graph.get_workspace_size())
 
 
+# per tensor of (q, k, v, o, dO, stats, dQ, dK, dV): whether its heads are the query heads (else the K/V heads)
+QUERY_SIDE = (True, False, False, True, True, True, True, False, False)
+
+
+def first_head(t: torch.Tensor, start: int, width: int) -> int:
+    """Where in `t` heads [start, start + width) begin: 0 where `t` has exactly `width` heads (a tensor made for
+    the range), else `start` (a whole tensor, its range read or written in place)."""
+    if t.shape[1] == width:
+        return 0
+    if start + width > t.shape[1]:
+        raise ValueError(f"heads [{start}, {start + width}) of a tensor of {t.shape[1]} heads")
+    return start
+
+
 def backward_into(
     dq: torch.Tensor,
     dk: torch.Tensor,
@@ -99,25 +114,37 @@ def backward_into(
     lse: torch.Tensor,
     is_causal: bool,
     scale: float,
+    kv_heads: tuple[int, int],
+    groups: int,
 ) -> None:
-    """Attention's backward over dense [B, H, S, D] operands (GQA: fewer K/V heads) given the output and the
-    [B, Hq, Sq] natural-log lse, written into dq, dk, dv (any strides, e.g. head slices of larger tensors)."""
+    """Attention's backward over dense [B, H, S, D] operands (GQA: `groups` query heads a K/V head) given the
+    output and the [B, Hq, Sq] natural-log lse, for the K/V heads [h0, h1) of `kv_heads` and their query heads,
+    written into dq, dk, dv. Each tensor is either the range's own (h1 - h0 heads, or as many times `groups`)
+    or a whole one (any strides) whose range is read or written in place, by pointer: no views per call."""
     import cudnn
 
-    stats = lse.unsqueeze(-1)
-    tensors = (q, k, v, out, grad_out, stats, dq, dk, dv)
-    key = (q.dtype, q.device.index, is_causal, scale, q.shape, k.shape, *(t.stride() for t in tensors))
+    h0, h1 = kv_heads
+    tensors = (q, k, v, out, grad_out, lse, dq, dk, dv)
+    starts, widths = (h0 * groups, h0), ((h1 - h0) * groups, h1 - h0)
+    firsts = [first_head(t, starts[not side], widths[not side]) for t, side in zip(tensors, QUERY_SIDE, strict=True)]
+    q_shape, k_shape = (q.shape[0], widths[0], *q.shape[2:]), (k.shape[0], widths[1], *k.shape[2:])
+    key = (q.dtype, q.device.index, is_causal, scale, q_shape, k_shape, *(t.stride() for t in tensors))
     entry = _GRAPHS.get(key)
     if entry is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
             _GRAPHS.clear()
-        entry = _GRAPHS[key] = _build(*tensors, is_causal, scale)
+        views = [t.narrow(1, h, widths[not side]) for t, side, h in zip(tensors, QUERY_SIDE, firsts, strict=True)]
+        views[5] = views[5].unsqueeze(-1)  # cuDNN's stats are [B, H, S, 1]
+        entry = _GRAPHS[key] = _build(*views, is_causal, scale)
     index = q.device.index
     handle = _handle(index)
-    stream = torch.cuda.current_stream(q.device).cuda_stream
+    stream = torch._C._cuda_getCurrentRawStream(index)  # current_stream(index).cuda_stream, without the Stream
     if _STREAMS.get(index) != stream:
         cudnn.set_stream(handle=handle, stream=stream)
         _STREAMS[index] = stream
     workspace = torch.empty(entry.workspace, device=q.device, dtype=torch.uint8)
-    pointers = dict(zip(entry.uids, (t.data_ptr() for t in tensors), strict=True))
+    pointers = {
+        uid: t.data_ptr() + h * t.stride(1) * t.element_size()
+        for uid, t, h in zip(entry.uids, tensors, firsts, strict=True)
+    }
     entry.graph._execute(pointers, workspace.data_ptr(), handle)  # the binding under pygraph.execute's wrapper
