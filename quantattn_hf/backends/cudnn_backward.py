@@ -35,6 +35,10 @@ MAX_HEAD_DIM = 128
 # cuDNN's backward runs one program per key tile of this many tokens and head (inferred from its GPU time by
 # chunk plan on the H100, scripts/bench_backward_chunks.py); used only to rank chunk plans by whole waves.
 KEY_TILE = 128
+# share of SDPA's modelled peak bytes an in-place plan leaves unused: the byte model omits cuDNN's per-row statistics
+# and the caching allocator's rounding (~5 MiB at the Flux shape on an H100, where a plan at the model's very edge
+# peaked 1% above SDPA's; docs/benchmarks.md)
+IN_PLACE_HEADROOM = 0.05
 
 
 def _fixed_chunks() -> int | None:
@@ -88,21 +92,20 @@ def unsupported_reason(call: AttentionCall, grad_lse: torch.Tensor | None) -> st
 def chunk_bounds(
     call: AttentionCall, held_bytes: int, dequant_bytes: int, sms: int, in_place: bool = False
 ) -> list[int]:
-    """K/V head bounds [0, ..., Hkv] of the backward's chunks, no wider than the peak allows, sized so their waves
-    over the GPU are fewest, then fewest chunks, then the widest smallest.
+    """K/V head bounds [0, ..., Hkv] of the backward's chunks, no wider than the peak allows, sized so their waves over
+    the GPU are fewest, then fewest chunks, then the widest smallest.
 
-    Against SDPA's backward, which keeps dense Q, K, V (`dense` bytes) and runs cuDNN once over all heads,
-    this one keeps the held operands that are still alive while cuDNN runs (`held_bytes`) and, per chunk, the
-    dense copies of the quantised ones (`dequant_bytes` over all heads) and its share of cuDNN's fp32 dQ
-    accumulator; through torch's op also the chunk's gradients before they are copied into the whole ones
-    (one chunk needs no copy: it is taken where its peak stays at SDPA's or below). `in_place` (the cuDNN
-    frontend: gradients written into slices) plans the peak strictly below SDPA's. (With GQA cuDNN's workspace also
-    holds per-query-head dK/dV, in SDPA's peak whole and in a chunk's its share: leaving them out only understates
-    what chunks save.) (Before cuDNN runs, the
-    dequantising moment holds the held operands and the dense copies, without gradients or accumulator: never
-    above SDPA's peak.) A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE) programs,
-    ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more GPU time
-    than one chunk does, and each chunk costs host time.
+    Against SDPA's backward, which keeps dense Q, K, V (`dense` bytes) and runs cuDNN once over all heads, this one
+    keeps the held operands that are still alive while cuDNN runs (`held_bytes`) and, per chunk, the dense copies of
+    the quantised ones (`dequant_bytes` over all heads) and its share of cuDNN's fp32 dQ accumulator; through
+    torch's op also the chunk's gradients before they are copied into the whole ones (one chunk needs no copy: it is
+    taken where its peak stays at SDPA's or below). `in_place` (the cuDNN frontend: gradients written into slices)
+    plans the peak below SDPA's by IN_PLACE_HEADROOM. (With GQA cuDNN's workspace also holds per-query-head dK/dV,
+    in SDPA's peak whole and in a chunk's its share: leaving them out only understates what chunks save.) (Before
+    cuDNN runs, the dequantising moment holds the held operands and the dense copies, without gradients or
+    accumulator: never above SDPA's peak.) A chunk of h K/V heads runs h * groups * batch * ceil(kv_len / KEY_TILE)
+    programs, ceil(that / sms) waves: chunk widths that fill their last wave (uneven ones included) cost no more GPU
+    time than one chunk does, and each chunk costs host time.
     """
     return list(_bounds(_sizes(call), held_bytes, dequant_bytes, sms, in_place, _fixed_chunks()))
 
@@ -134,7 +137,8 @@ def _planned_bounds(
     accumulator = 4 * b * hq * sq * d
     if in_place:
         per_head = (dequant + accumulator) / hkv
-        widest = min(max(math.ceil((dense - held + accumulator) / per_head) - 1, 1), hkv)
+        bound = (1 - IN_PLACE_HEADROOM) * (dense + accumulator)
+        widest = min(max(math.ceil((bound - held) / per_head) - 1, 1), hkv)
     elif held + dequant <= dense:
         return (0, hkv)
     else:
