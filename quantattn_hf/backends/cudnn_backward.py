@@ -332,7 +332,7 @@ def _chunks_in_place(q, k, v, out, lse, grad_out, call, bounds, need_dkv, releas
     dkv = [grad_out.new_empty((b, call.kv_heads, sk, d) if need_dkv else (0,)) for d in dims]
     for h0, h1 in zip(bounds[:-1], bounds[1:], strict=True):
         qd = q.data if dense_q is None else dense_q(slice(h0 * groups, h1 * groups))[0]
-        kd, vd = whole_kv or dense_kv(slice(h0, h1))
+        kd, vd = whole_kv if kv_once else dense_kv(slice(h0, h1))
         if release_held and h1 == call.kv_heads:
             _release((q,) if kv_once else (q, k, v))
         dk, dv = dkv if need_dkv else [torch.empty((b, h1 - h0, sk, d), dtype=dtype, device=dq.device) for d in dims]

@@ -125,15 +125,16 @@ def backward_into(
 
     h0, h1 = kv_heads
     tensors = (q, k, v, out, grad_out, lse, dq, dk, dv)
-    starts, widths = (h0 * groups, h0), ((h1 - h0) * groups, h1 - h0)
-    firsts = [first_head(t, starts[not side], widths[not side]) for t, side in zip(tensors, QUERY_SIDE, strict=True)]
-    q_shape, k_shape = (q.shape[0], widths[0], *q.shape[2:]), (k.shape[0], widths[1], *k.shape[2:])
+    q_span, kv_span = (h0 * groups, (h1 - h0) * groups), (h0, h1 - h0)  # (first head, heads) of each side
+    spans = [q_span if side else kv_span for side in QUERY_SIDE]
+    firsts = [first_head(t, *span) for t, span in zip(tensors, spans, strict=True)]
+    q_shape, k_shape = (q.shape[0], q_span[1], *q.shape[2:]), (k.shape[0], kv_span[1], *k.shape[2:])
     key = (q.dtype, q.device.index, is_causal, scale, q_shape, k_shape, *(t.stride() for t in tensors))
     entry = _GRAPHS.get(key)
     if entry is None:
         if len(_GRAPHS) >= MAX_GRAPHS:
             _GRAPHS.clear()
-        views = [t.narrow(1, h, widths[not side]) for t, side, h in zip(tensors, QUERY_SIDE, firsts, strict=True)]
+        views = [t.narrow(1, h, span[1]) for t, span, h in zip(tensors, spans, firsts, strict=True)]
         views[5] = views[5].unsqueeze(-1)  # cuDNN's stats are [B, H, S, 1]
         entry = _GRAPHS[key] = _build(*views, is_causal, scale)
     index = q.device.index
