@@ -226,7 +226,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def plot(json_path: str, png_path: str) -> None:
     """Each method's backward time against its peak memory, both as ratios to SDPA's, one panel per layer, with
     the target region (time within 1.2x, peak below SDPA's) shaded: filled markers the one layer's peak, hollow
-    ones the chain's (where the file has it); from a --json file, needs no GPU."""
+    ones the chain's, crosses the backward's GPU kernel time (dotted to the wall time: what the GPU waits on the
+    host), where the file has them; from a --json file, needs no GPU."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,13 +250,16 @@ def plot(json_path: str, png_path: str) -> None:
             if r.get("chain_peak_vs_sdpa") is not None:
                 ax.scatter(r["bwd_vs_sdpa"], r["chain_peak_vs_sdpa"], s=50, marker=marker, facecolors="none",
                            edgecolors=color)  # fmt: skip
+            if r.get("bwd_gpu_vs_sdpa") is not None:  # the same peak at the backward's GPU kernel time
+                ax.scatter(r["bwd_gpu_vs_sdpa"], r["peak_vs_sdpa"], s=18, marker="x", color=color)
+                ax.plot([r["bwd_gpu_vs_sdpa"], r["bwd_vs_sdpa"]], [r["peak_vs_sdpa"]] * 2, color=color, lw=0.6, ls=":")
         shape = ",".join(str(x) for x in rows[[r["layer"] for r in rows].index(layer)]["shape"])
         ax.set_xscale("log")
         ticks = [1, 1.2, 1.5, 2, 3, 4, 6, 8]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlim(0.8, max(r["bwd_vs_sdpa"] for r in rows) * 1.4)
+        ax.set_xlabel("backward time / SDPA's (log scale; x: GPU kernel time)")
         ax.set_ylim(0.4, max(r["peak_vs_sdpa"] for r in rows) * 1.1)
-        ax.set_xlabel("backward time / SDPA's (log scale)")
         ax.set_ylabel("peak memory of forward+backward / SDPA's (hollow: the chain's)")
         ax.set_title(f"{layer} (B,Hq,Hkv,N,D,causal = {shape})", fontsize=9)
         ax.grid(True, alpha=0.3)
