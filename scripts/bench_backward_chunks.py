@@ -30,7 +30,13 @@ import sys
 import time
 
 import torch
-from bench_train import LAYERS, MIB, attention_fn, peak_mib  # this folder's script: its layers, calls, peak
+from bench_train import (
+    LAYERS,
+    MIB,
+    attention_fn,
+    gpu_kernels,
+    peak_mib,
+)  # this folder's script: layers, calls, peak, kernels
 
 from quantattn_hf import QuantConfig, quantize, quantized_attention
 from quantattn_hf.autograd import _attention_bwd_op, make_call
@@ -75,11 +81,10 @@ def kernel_table(fn, reps: int = 10) -> list[tuple[str, float, float]]:
             fn()
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            entry = kernels.setdefault(e.name, [0.0, 0.0])
-            entry[0] += e.time_range.elapsed_us() / reps
-            entry[1] += 1 / reps
+    for name, us in gpu_kernels(prof):
+        entry = kernels.setdefault(name, [0.0, 0.0])
+        entry[0] += us / reps
+        entry[1] += 1 / reps
     return sorted(((name, us, n) for name, (us, n) in kernels.items()), key=lambda k: -k[1])
 
 

@@ -88,6 +88,12 @@ def timed_backward(
     return statistics.median(times)
 
 
+def gpu_kernels(prof: torch.profiler.profile) -> list[tuple[str, float]]:
+    """(name, µs) of each GPU kernel (and memset/copy) a torch.profiler run recorded, in order."""
+    events = prof.events()
+    return [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def kernel_backward_ms(forward, dout: torch.Tensor, device: torch.device, reps: int, retain: bool = False):
     """Median GPU kernel time in ms of the backward (after a fresh forward each time): the sum of its kernels'
     durations from torch.profiler, so without the gaps where the GPU waits for the host (None off CUDA)."""
@@ -100,8 +106,7 @@ def kernel_backward_ms(forward, dout: torch.Tensor, device: torch.device, reps: 
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out.backward(dout, retain_graph=retain)
             _sync(device)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        times.append(sum(e.time_range.elapsed_us() for e in kernels) / 1e3)
+        times.append(sum(us for _, us in gpu_kernels(prof)) / 1e3)
     return statistics.median(times)
 
 
